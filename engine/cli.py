@@ -1,0 +1,58 @@
+"""Command line of both engine services: `python -m slm_service` / `python -m llm_service`."""
+
+import argparse
+import logging
+import signal
+import threading
+
+from rstitch.v1 import engine_pb2_grpc
+
+from .grpc_server import start_server
+from .servicer import SERVICE_NAME, EngineServicer
+
+DEFAULT_PORTS = {"slm": 50051, "llm": 50052}
+
+
+def parse_args(role: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m {role}_service", description=f"Serve the R-Stitch {role.upper()} engine over gRPC.")
+    p.add_argument("--model", help="checkpoint directory or .gguf file (default: the project's default model)")
+    p.add_argument("--model-id", help="name reported in Info (default: the model path)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORTS[role], help="0 picks a free port")
+    p.add_argument("--backend", choices=["hf"], default="hf")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--kv-budget-mb", type=float, default=1024, help="memory all sessions' KV caches may use together")
+    p.add_argument("--max-context", type=int, help="cap the context below the model's own maximum")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (concurrent calls)")
+    return p.parse_args(argv)
+
+
+def build_engine(role: str, args: argparse.Namespace):
+    import torch
+
+    from .default_models import default_model_path
+    from .hf import HFEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or default_model_path(role)
+    return HFEngine(model, role=role, device=args.device, dtype=args.dtype, kv_budget_mb=args.kv_budget_mb,
+                    max_context=args.max_context, model_id=args.model_id)
+
+
+def main(role: str, argv=None) -> None:
+    args = parse_args(role, argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role}_service %(levelname)s %(message)s")
+    engine = build_engine(role, args)
+    server, port = start_server(
+        lambda s: engine_pb2_grpc.add_EngineServicer_to_server(EngineServicer(engine), s),
+        [SERVICE_NAME], args.host, args.port, args.workers,
+    )
+    logging.info("serving %s engine on %s:%d", role.upper(), args.host, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()

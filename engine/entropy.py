@@ -1,0 +1,20 @@
+"""Greedy choice and normalized entropy of next-token distributions."""
+
+import math
+
+import torch
+
+
+def greedy_with_entropy(logits: torch.Tensor, vocab_size: int) -> tuple[list[int], list[float]]:
+    """For each row of logits [..., V_padded]: the argmax token and H = -sum p log p / log V.
+
+    Rows past the tokenizer's real vocabulary V (padding of the embedding matrix) are masked out of
+    both, so that a padded model and an unpadded one agree. H is clamped to [0, 1] so that rounding
+    cannot put a uniform distribution above tau = 1.
+    """
+    real = logits[..., :vocab_size].float().reshape(-1, vocab_size)
+    logp = torch.log_softmax(real, dim=-1)
+    # xlogy-style: a probability that underflows to 0 contributes 0, not NaN.
+    plogp = torch.where(logp.isinf(), torch.zeros_like(logp), logp.exp() * logp)
+    entropy = (-plogp.sum(-1) / math.log(vocab_size)).clamp_(0.0, 1.0)
+    return real.argmax(-1).tolist(), entropy.tolist()

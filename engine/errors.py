@@ -1,0 +1,50 @@
+"""Errors an engine raises, each carrying the gRPC status the caller sees.
+
+The same classes are raised by in-process engines and rebuilt from gRPC errors by the orchestrator's
+engine client, so the stitching loop handles both transports with one set of except clauses.
+"""
+
+import grpc
+
+CACHE_LEN_KEY = "rstitch-cache-len"
+
+
+class EngineError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, cache_len: int | None = None):
+        super().__init__(message)
+        self.cache_len = cache_len
+
+
+class InvalidRequest(EngineError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class SessionNotFound(EngineError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class CacheMismatch(EngineError):
+    """The caller's base_len is not the engine's cache length; cache_len holds the real one."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SessionBusy(EngineError):
+    code = grpc.StatusCode.ABORTED
+
+
+class KVExhausted(EngineError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class EngineUnavailable(EngineError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+BY_CODE = {cls.code: cls for cls in (InvalidRequest, SessionNotFound, CacheMismatch, SessionBusy, KVExhausted, EngineUnavailable)}
+
+
+def from_status(code: grpc.StatusCode, message: str, cache_len: int | None = None) -> EngineError:
+    return BY_CODE.get(code, EngineError)(message, cache_len)

@@ -1,0 +1,118 @@
+"""Per-session KV caches under one token budget, with least-recently-used eviction."""
+
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CacheMismatch, InvalidRequest, KVExhausted, SessionBusy, SessionNotFound
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    state: Any = None  # the backend's cache object; None until the first forward
+    length: int = 0  # tokens held in the cache
+    in_use: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionTable:
+    """Thread-safe session map. One call at a time per session; the budget counts cached tokens.
+
+    A session that has no call in flight can be evicted to make room for another; its next call
+    then gets NOT_FOUND and the caller re-prefills it from its own log.
+    """
+
+    def __init__(self, capacity_tokens: int):
+        if capacity_tokens <= 0:
+            raise ValueError("the KV budget must hold at least one token")
+        self.capacity = capacity_tokens
+        self.used = 0
+        self.evictions = 0
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @contextmanager
+    def checkout(self, session_id: str, base_len: int | None, create: bool = False):
+        """Hold the session for one call; base_len None skips the length check (Rollback)."""
+        if not session_id:
+            raise InvalidRequest("session_id is empty")
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                if not create:
+                    raise SessionNotFound(
+                        f"session {session_id!r} is not on this engine (never prefilled, released, or evicted "
+                        "under KV pressure); prefill it again from base_len 0",
+                        cache_len=0,
+                    )
+                session = self._sessions[session_id] = Session(session_id)
+            if session.in_use:
+                raise SessionBusy(f"session {session_id!r} has another call in flight on this engine")
+            if base_len is not None and session.length != base_len:
+                raise CacheMismatch(
+                    f"session {session_id!r}: caller assumed a cache of {base_len} tokens, the engine holds "
+                    f"{session.length}; roll back or prefill from the real length",
+                    cache_len=session.length,
+                )
+            session.in_use = True
+            self._sessions.move_to_end(session_id)
+        try:
+            yield session
+        except Exception:
+            # A failed call may leave the cache half-updated: drop it, the caller re-prefills.
+            self._drop(session)
+            raise
+        finally:
+            session.in_use = False
+            session.last_used = time.monotonic()
+
+    def grow(self, session: Session, n: int) -> None:
+        """Reserve room for n more tokens in `session`, evicting idle sessions if needed."""
+        with self._lock:
+            if session.length + n > self.capacity:
+                raise KVExhausted(
+                    f"session needs {session.length + n} cached tokens but the whole KV budget is {self.capacity}"
+                )
+            while self.used + n > self.capacity:
+                victim = next((s for s in self._sessions.values() if not s.in_use), None)
+                if victim is None:
+                    raise KVExhausted(
+                        f"KV budget full: {self.used} of {self.capacity} tokens held by sessions with calls in flight"
+                    )
+                self._remove(victim)
+                self.evictions += 1
+            self.used += n
+            session.length += n
+
+    def shrink(self, session: Session, length: int) -> None:
+        with self._lock:
+            self.used -= session.length - length
+            session.length = length
+
+    def release(self, session_id: str) -> bool:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                return False
+            if session.in_use:
+                raise SessionBusy(f"session {session_id!r} has a call in flight; release it after the call")
+            self._remove(session)
+            return True
+
+    def _drop(self, session: Session) -> None:
+        with self._lock:
+            if self._sessions.get(session.id) is session:
+                self._remove(session)
+
+    def _remove(self, session: Session) -> None:
+        del self._sessions[session.id]
+        self.used -= session.length
+        session.state = None
+        session.length = 0

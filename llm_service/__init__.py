@@ -1,0 +1,1 @@
+"""The LLM engine service: the shared engine (package `engine`) with LLM defaults."""

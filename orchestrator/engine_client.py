@@ -1,0 +1,82 @@
+"""How the loop reaches an engine: over gRPC, or by calling an in-process Engine directly.
+
+Both raise engine.errors classes, so the stitching loop is the same code for either transport.
+"""
+
+import grpc
+
+from engine.errors import CACHE_LEN_KEY, from_status
+from engine.grpc_server import CHANNEL_OPTIONS
+from rstitch.v1 import engine_pb2 as pb
+from rstitch.v1 import engine_pb2_grpc
+
+
+class LocalEngineClient:
+    """Calls an Engine object in this process (benchmarks, evaluation, rollouts)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.address = f"in-process:{engine.role}"
+
+    def prefill(self, req: pb.PrefillRequest, timeout=None) -> pb.PrefillResponse:
+        return self.engine.prefill(req)
+
+    def decode(self, req: pb.DecodeRequest, timeout=None) -> pb.DecodeResponse:
+        return self.engine.decode(req)
+
+    def rollback(self, req: pb.RollbackRequest, timeout=None) -> pb.RollbackResponse:
+        return self.engine.rollback(req)
+
+    def release(self, req: pb.ReleaseRequest, timeout=None) -> pb.ReleaseResponse:
+        return self.engine.release(req)
+
+    def info(self, timeout=None) -> pb.InfoResponse:
+        return self.engine.info()
+
+    def tokenizer_files(self, timeout=None) -> pb.GetTokenizerResponse:
+        return self.engine.tokenizer_files()
+
+    def close(self):
+        pass
+
+
+class GrpcEngineClient:
+    def __init__(self, address: str):
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = engine_pb2_grpc.EngineStub(self._channel)
+
+    def wait_ready(self, timeout: float) -> None:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectionError(f"engine at {self.address} did not answer within {timeout:.0f} s") from None
+
+    def _call(self, method, req, timeout):
+        try:
+            return method(req, timeout=timeout)
+        except grpc.RpcError as e:
+            trailing = dict(e.trailing_metadata() or ())
+            cache_len = int(trailing[CACHE_LEN_KEY]) if CACHE_LEN_KEY in trailing else None
+            raise from_status(e.code(), f"{self.address}: {e.details()}", cache_len) from None
+
+    def prefill(self, req, timeout=None):
+        return self._call(self._stub.Prefill, req, timeout)
+
+    def decode(self, req, timeout=None):
+        return self._call(self._stub.Decode, req, timeout)
+
+    def rollback(self, req, timeout=None):
+        return self._call(self._stub.Rollback, req, timeout)
+
+    def release(self, req, timeout=None):
+        return self._call(self._stub.Release, req, timeout)
+
+    def info(self, timeout=None):
+        return self._call(self._stub.Info, pb.InfoRequest(), timeout)
+
+    def tokenizer_files(self, timeout=None):
+        return self._call(self._stub.GetTokenizer, pb.GetTokenizerRequest(), timeout)
+
+    def close(self):
+        self._channel.close()

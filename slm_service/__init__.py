@@ -1,0 +1,1 @@
+"""The SLM engine service: the shared engine (package `engine`) with SLM defaults."""
