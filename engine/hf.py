@@ -77,7 +77,7 @@ class HFEngine(Engine):
         waited = time.perf_counter()
         with self._model_lock:
             clock.queue += time.perf_counter() - waited
-            out = self.model(input_ids=ids, past_key_values=session.state.cache, use_cache=True,
+            out = self.model(input_ids=ids, cache=session.state.cache, use_cache=True,
                              logits_to_keep=0 if all_positions else 1, output_hidden_states=hidden)
         clock.forwards += 1
         last_hidden = out.hidden_states[-1][0, -1] if hidden else None
@@ -136,7 +136,7 @@ class HFEngine(Engine):
         if length == 0:
             session.state = None
             return
-        state.cache.crop(session.length - length)  # transformers 5.x: crop(tokens_to_remove)
+        state.cache.crop(length - session.length)  # transformers 5.24: a negative count removes tokens
         state.next_logits = state.next_hidden = None
 
     def info(self) -> pb.InfoResponse:

@@ -1,0 +1,100 @@
+"""A small Python client for the orchestrator's gRPC API."""
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from .v1 import orchestrator_pb2 as opb
+from .v1 import orchestrator_pb2_grpc
+
+POLICIES = {"entropy": opb.POLICY_ENTROPY, "llm": opb.POLICY_LLM, "slm": opb.POLICY_SLM}
+SOURCE_NAMES = {opb.SOURCE_SLM: "slm", opb.SOURCE_LLM: "llm"}
+
+
+@dataclass
+class GenerationResult:
+    session_id: str = ""
+    text: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    # (source, text) per span, for showing which model wrote what.
+    pieces: list[tuple[str, str]] = field(default_factory=list)
+    finish_reason: str = ""
+    stats: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "pieces"}
+
+
+def make_spec(prompt: str | Sequence[int], *, policy: str = "entropy", tau: float | None = None,
+              max_new_tokens: int = 0, raw: bool = False) -> opb.GenerationSpec:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw)
+    if isinstance(prompt, str):
+        spec.text = prompt
+    else:
+        spec.token_ids.token_ids.extend(prompt)
+    if tau is not None:
+        spec.tau = tau
+    return spec
+
+
+class RStitchClient:
+    def __init__(self, address: str, timeout: float | None = 300):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._channel.close()
+
+    def stream(self, prompt, **options) -> Iterator[opb.GenerateResponse]:
+        """The raw event stream: Started, Delta per span, Finished."""
+        return self._stub.Generate(opb.GenerateRequest(spec=make_spec(prompt, **options)), timeout=self.timeout)
+
+    def generate(self, prompt, **options) -> GenerationResult:
+        """Stream one generation and gather it. Options: policy, tau, max_new_tokens, raw."""
+        result = GenerationResult()
+        for event in self.stream(prompt, **options):
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                result.session_id = event.started.session_id
+                result.prompt_token_ids = list(event.started.prompt_token_ids)
+            elif kind == "delta":
+                span = event.delta.span
+                source = SOURCE_NAMES[span.source]
+                result.token_ids += span.token_ids
+                result.sources += [source] * len(span.token_ids)
+                result.entropies += span.entropies
+                result.pieces.append((source, event.delta.text))
+            else:
+                finished = event.finished
+                result.text = finished.text
+                result.finish_reason = opb.FinishReason.Name(finished.finish_reason).removeprefix("FINISH_REASON_").lower()
+                result.stats = stats_dict(finished.stats)
+        return result
+
+    def complete(self, prompt, **options) -> opb.Session:
+        return self._stub.Complete(opb.CompleteRequest(spec=make_spec(prompt, **options)), timeout=self.timeout).session
+
+    def session(self, session_id: str) -> opb.Session:
+        return self._stub.GetSession(opb.GetSessionRequest(session_id=session_id), timeout=self.timeout).session
+
+    def cancel(self, session_id: str) -> int:
+        return self._stub.Cancel(opb.CancelRequest(session_id=session_id), timeout=self.timeout).status
+
+
+def stats_dict(stats: opb.Stats) -> dict:
+    fields = {f.name: getattr(stats, f.name) for f in stats.DESCRIPTOR.fields}
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in fields.items()}

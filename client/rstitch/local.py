@@ -1,0 +1,147 @@
+"""Starting a whole deployment on this machine as separate processes (used by `rstitch demo` and the tests).
+
+Each service is started exactly as a user would start it (`python -m slm_service --port N`, ...),
+on free loopback ports, and is up when its gRPC health service says SERVING.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(address: str, process: subprocess.Popen | None, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                tail = log.read_text()[-2000:] if log and log.exists() else ""
+                raise RuntimeError(f"{' '.join(process.args)} exited with {process.returncode}:\n{tail}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} was not healthy after {timeout:.0f} s")
+
+
+class Redis:
+    """A private redis-server on a free loopback port, keeping nothing on disk unless asked (AOF)."""
+
+    def __init__(self, binary: str = "redis-server", appendonly: bool = False):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="rstitch-redis-")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir,
+                "--appendonly", "yes" if appendonly else "no"]
+        if appendonly:
+            args += ["--appendfsync", "always"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Service:
+    def __init__(self, name: str, args: list[str], port: int, log_dir: Path, env=None):
+        self.name, self.port, self.address = name, port, f"127.0.0.1:{port}"
+        self.log = log_dir / f"{name}.log"
+        self.args = [sys.executable, "-m", name.split("#")[0], *args, "--port", str(port)]
+        self.env = env
+        self.process = None
+        self.start()
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def wait(self, timeout: float = 180):
+        wait_healthy(self.address, self.process, timeout, self.log)
+
+    def stop(self, sig_kill: bool = False):
+        if self.process and self.process.poll() is None:
+            self.process.kill() if sig_kill else self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class LocalDeployment:
+    """SLM engine, LLM engine, orchestrator (and Redis, if given a URL or a redis-server binary)."""
+
+    def __init__(self, redis: str | None = "auto", slm_args=(), llm_args=(), orchestrator_args=(), log_dir=None):
+        self._stack = ExitStack()
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rstitch-logs-"))
+        self.redis_url = self._redis(redis)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            self.slm = self._service("slm_service", list(slm_args), env)
+            self.llm = self._service("llm_service", list(llm_args), env)
+            for engine in (self.slm, self.llm):
+                engine.wait()
+            args = ["--slm", self.slm.address, "--llm", self.llm.address, *orchestrator_args]
+            if self.redis_url:
+                args += ["--redis", self.redis_url]
+            self.orchestrator = self._service("orchestrator", args, env)
+            self.orchestrator.wait()
+        except BaseException:
+            self.close()
+            raise
+        self.address = self.orchestrator.address
+
+    def _redis(self, redis):
+        if redis != "auto":
+            return redis
+        if os.environ.get("REDIS_URL"):
+            return os.environ["REDIS_URL"]
+        binary = shutil.which("redis-server")
+        if binary is None:
+            return None
+        server = Redis(binary)
+        self._stack.callback(server.stop)
+        return server.url
+
+    def _service(self, name, args, env):
+        service = Service(name, args, free_port(), self.log_dir, env)
+        self._stack.callback(service.stop)
+        return service
+
+    def close(self):
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
