@@ -1,0 +1,124 @@
+"""Algorithm 1 end to end in-process: the policies' extremes equal each model's own greedy decoding."""
+
+import pytest
+import torch
+
+from engine.default_models import build_tokenizer
+from orchestrator.loop import Progress, stitch
+from orchestrator.policies import LLM, SLM, EntropyPolicy
+from rstitch.v1 import engine_pb2 as epb
+from rstitch.v1 import orchestrator_pb2 as opb
+
+from .conftest import PROMPTS
+
+MAX_NEW = 40
+
+
+def run(orchestrator, prompt, policy, tau=None):
+    spec = opb.GenerationSpec(text=prompt, policy=policy, max_new_tokens=MAX_NEW)
+    if tau is not None:
+        spec.tau = tau
+    session = orchestrator.complete(spec)
+    tokens = [t for s in session.spans for t in s.token_ids]
+    sources = [s.source for s in session.spans for _ in s.token_ids]
+    entropies = [h for s in session.spans for h in s.entropies]
+    return session, tokens, sources, entropies
+
+
+def hf_greedy(engine, prompt_ids):
+    with torch.inference_mode():
+        out = engine.model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False,
+                                    pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_tau_zero_is_the_llm_and_tau_one_is_the_slm(orchestrator, engines, prompt):
+    session, llm_only, llm_sources, _ = run(orchestrator, prompt, opb.POLICY_LLM)
+    assert set(llm_sources) == {LLM}
+    assert llm_only == hf_greedy(engines["llm"], list(session.prompt_token_ids))
+
+    _, stitched, sources, entropies = run(orchestrator, prompt, opb.POLICY_ENTROPY, tau=0.0)
+    # The paper's rule keeps an SLM token whose entropy is exactly 0 even at tau = 0.
+    kept_by_slm = [i for i, s in enumerate(sources) if s == SLM]
+    assert all(entropies[i] == 0.0 for i in kept_by_slm)
+    if not kept_by_slm:
+        assert stitched == llm_only
+
+    session, slm_only, slm_sources, _ = run(orchestrator, prompt, opb.POLICY_SLM)
+    assert set(slm_sources) == {SLM}
+    assert slm_only == hf_greedy(engines["slm"], list(session.prompt_token_ids))
+    _, stitched, sources, _ = run(orchestrator, prompt, opb.POLICY_ENTROPY, tau=1.0)
+    assert stitched == slm_only and set(sources) == {SLM}
+
+
+def test_stitched_generation_switches_and_follows_the_rule(orchestrator):
+    tau = 0.3
+    session, tokens, sources, entropies = run(orchestrator, PROMPTS[1], opb.POLICY_ENTROPY, tau=tau)
+    assert session.stats.switches >= 3 and {SLM, LLM} <= set(sources)
+    assert session.stats.slm_tokens + session.stats.llm_tokens == len(tokens)
+    for i, (source, h) in enumerate(zip(sources, entropies)):
+        if source == SLM:
+            assert h <= tau  # an uncertain SLM token is never kept
+        elif i + 1 < len(sources) and sources[i + 1] == SLM:
+            assert h <= tau  # the LLM hands back only after a confident token
+    # Every token is prefilled once by each model that later writes after it: no full re-prefill.
+    seq_len = len(session.prompt_token_ids) + len(tokens)
+    assert session.stats.slm_prefill_tokens <= seq_len and session.stats.llm_prefill_tokens <= seq_len
+
+
+def test_partial_prefill_after_switches_equals_full_prefill(engines):
+    """After a real stitched run, each engine's next-token logits equal one full prefill's."""
+    from orchestrator.engine_client import LocalEngineClient
+    from orchestrator.store import MemorySessionStore
+
+    tokenizer = build_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Stitch me"}], add_generation_prompt=True,
+                                           return_dict=False)
+    clients = {SLM: LocalEngineClient(engines["slm"]), LLM: LocalEngineClient(engines["llm"])}
+    progress = Progress("partial-prefill", prompt, max_new_tokens=60, stop_token_ids=[])
+    store = MemorySessionStore()
+    list(stitch(progress, EntropyPolicy(0.3), clients, store))
+    assert progress.stats.switches >= 4
+    for role, name in ((SLM, "slm"), (LLM, "llm")):
+        engine = engines[name]
+        base = progress.synced[role]
+        engine.prefill(epb.PrefillRequest(session_id="partial-prefill", base_len=base,
+                                          token_ids=progress.sequence[base:], rule=epb.SpanRule(max_tokens=0)))
+        stitched = engine.sessions._sessions["partial-prefill"].state.next_logits
+        with torch.inference_mode():
+            full = engine.model(torch.tensor([progress.sequence])).logits[0, -1]
+        torch.testing.assert_close(stitched, full, rtol=1e-4, atol=1e-4)
+        engine.release(epb.ReleaseRequest(session_id="partial-prefill"))
+
+
+def test_the_store_holds_what_the_stream_delivered(orchestrator):
+    events = list(orchestrator.generate(opb.GenerationSpec(text=PROMPTS[0], tau=0.3, max_new_tokens=MAX_NEW)))
+    started, deltas, finished = events[0].started, [e.delta for e in events[1:-1]], events[-1].finished
+    stored = orchestrator.session(started.session_id)
+    assert stored.status == opb.STATUS_FINISHED and stored.finish_reason == finished.finish_reason
+    assert list(stored.spans) == [d.span for d in deltas]
+    assert stored.text == finished.text == "".join(d.text for d in deltas)
+    assert stored.stats.slm_tokens == finished.stats.slm_tokens and stored.stats.switches == finished.stats.switches
+
+
+def test_cancel_stops_at_the_next_span_boundary(orchestrator):
+    events = orchestrator.generate(opb.GenerationSpec(text=PROMPTS[1], tau=0.3, max_new_tokens=200))
+    session_id = next(events).started.session_id
+    assert orchestrator.cancel(session_id) == opb.STATUS_RUNNING
+    rest = list(events)
+    assert rest[-1].finished.finish_reason == opb.FINISH_REASON_CANCELLED
+    assert len(rest) == 2  # one span, then Finished
+    assert orchestrator.session(session_id).status == opb.STATUS_CANCELLED
+    assert orchestrator.cancel(session_id) == opb.STATUS_CANCELLED  # no-op once finished
+
+
+def test_engines_with_different_tokenizers_are_refused(engines, foreign_tokenizer_model):
+    from engine.hf import HFEngine
+    from orchestrator.engine_client import LocalEngineClient
+    from orchestrator.service import Orchestrator
+    from orchestrator.store import MemorySessionStore
+
+    foreign = LocalEngineClient(HFEngine(foreign_tokenizer_model, role="slm"))
+    with pytest.raises(ValueError, match="do not share a tokenizer"):
+        Orchestrator(foreign, LocalEngineClient(engines["llm"]), MemorySessionStore())
