@@ -98,25 +98,30 @@ def rtt_ms(op, n=300) -> float:
 
 def bench_pair(name, paths, args, rows, costs):
     print(f"[{name}] loading in-process engines, starting the split deployment ...", flush=True)
-    engines = [LocalEngineClient(HFEngine(paths[r], role=r)) for r in ("slm", "llm")]
-    local = Orchestrator(*engines, MemorySessionStore())
+    local_engines = [LocalEngineClient(HFEngine(paths[r], role=r)) for r in ("slm", "llm")]
     threads = ["--threads", "1"]
     with LocalDeployment(slm_args=[*threads, "--model", str(paths["slm"])],
                          llm_args=[*threads, "--model", str(paths["llm"])]) as dep, RStitchClient(dep.address) as client:
         if not dep.redis_url:
             sys.exit("no redis-server on PATH (or REDIS_URL): the split mode would not use Redis")
-        modes = {
-            "in-process": lambda p, pol, tau, n: local.complete(make_spec(p, policy=pol, tau=tau, max_new_tokens=n)),
-            "split": lambda p, pol, tau, n: client.complete(p, policy=pol, tau=tau, max_new_tokens=n),
+        orchestrators = {
+            "in-process": Orchestrator(*local_engines, MemorySessionStore()),
+            # The split deployment's engines, driven from this process without Redis: separates the cost
+            # of engine RPCs from that of the orchestrator being a service with its state in Redis.
+            "gRPC engines": Orchestrator(GrpcEngineClient(dep.slm.address), GrpcEngineClient(dep.llm.address),
+                                         MemorySessionStore()),
         }
+        modes = {m: (lambda p, pol, tau, n, o=o: o.complete(make_spec(p, policy=pol, tau=tau, max_new_tokens=n)))
+                 for m, o in orchestrators.items()}
+        modes["split"] = lambda p, pol, tau, n: client.complete(p, policy=pol, tau=tau, max_new_tokens=n)
         cases = [(pol, tau, p) for pol, tau in POLICIES for p in PROMPTS]
         results = {(pol, p): {m: [] for m in modes} for pol, _, p in cases}
         reference = {}
         for rnd in range(args.rounds + 1):  # round 0 is warm-up and is not kept
             started = time.perf_counter()
             for i, (pol, tau, prompt) in enumerate(cases):
-                order = list(modes) if (rnd + i) % 2 == 0 else list(modes)[::-1]
-                for mode in order:
+                k = (rnd + i) % len(modes)  # rotate which mode goes first, so order effects average out
+                for mode in [*modes][k:] + [*modes][:k]:
                     r = run_once(mode, modes[mode], prompt, pol, tau, args.max_new_tokens)
                     ref = reference.setdefault((pol, prompt), r["ids"])
                     if r["ids"] != ref:
@@ -126,27 +131,24 @@ def bench_pair(name, paths, args, rows, costs):
             label = "warm-up" if rnd == 0 else f"round {rnd}/{args.rounds}"
             print(f"[{name}] {label} done in {time.perf_counter() - started:.1f} s", flush=True)
 
-        # Per-span costs measured directly, to account for the split mode's extra time.
+        # Floors for the per-span costs, measured directly on the running deployment.
         grpc_engine = GrpcEngineClient(dep.slm.address)
         store = RedisSessionStore(dep.redis_url)
         record, synced, stats = opb.SpanRecord(source=SLM, token_ids=[5]), {SLM: 1, LLM: 1}, opb.Stats()
         costs[name] = dict(grpc=rtt_ms(lambda: grpc_engine.info(timeout=5)),
                            redis=rtt_ms(lambda: store.append("bench-rtt", record, synced, stats)))
-        grpc_engine.close()
+        for c in (grpc_engine, *orchestrators["gRPC engines"].engines.values()):
+            c.close()
 
     for pol, tau in POLICIES:
         per_prompt = [results[(pol, p)] for p in PROMPTS]
-        med = lambda mode, key: statistics.fmean(statistics.median(r[key] for r in runs[mode]) for runs in per_prompt)  # noqa: E731
-        pairs = [(a, b) for runs in per_prompt for a, b in zip(runs["in-process"], runs["split"])]
-        rows.append(dict(
-            pair=name, policy=pol if tau is None else f"{pol} tau={tau}",
-            tokens=med("split", "tokens"), spans=med("split", "spans"), switches=med("split", "switches"),
-            engine_local=med("in-process", "engine"), engine_split=med("split", "engine"),
-            wall_local=med("in-process", "wall"), wall_split=med("split", "wall"),
-            ratio=statistics.median(b["wall"] / a["wall"] for a, b in pairs),
-            per_span=statistics.median((b["wall"] - a["wall"]) / b["spans"] for a, b in pairs),
-            n=len(pairs),
-        ))
+        # Per generation: each prompt's median over rounds, averaged over prompts.
+        avg = {m: {key: statistics.fmean(statistics.median(r[key] for r in runs[m]) for runs in per_prompt)
+                   for key in ("wall", "engine", "tokens", "spans", "switches")} for m in modes}
+        paired = [(runs["in-process"][j]["wall"], runs["split"][j]["wall"])
+                  for runs in per_prompt for j in range(args.rounds)]
+        rows.append(dict(pair=name, policy=pol if tau is None else f"{pol} tau={tau}", avg=avg,
+                         ratio=statistics.median(b / a for a, b in paired), n=len(paired)))
 
 
 def machine() -> str:
@@ -163,37 +165,62 @@ def write_markdown(path: Path, rows, costs, args, command):
     lines = [
         "# Orchestration overhead: split deployment vs in-process",
         "",
-        f"Made by `{command}` ({args.rounds} rounds after a warm-up round, modes alternated A/B then B/A).",
+        f"Made by `{command}`: {args.rounds} rounds after a warm-up round; in every round each generation runs "
+        "once per mode, back to back, the first mode rotating.",
+        "",
         f"Machine: {machine()}.",
         "",
-        "Per generation (a prompt's median over rounds, averaged over the "
-        f"{len(PROMPTS)} prompts), max_new_tokens {args.max_new_tokens}, one torch thread per engine in both modes. "
-        "Both modes produced identical token ids for every run. *Engine* is the engines' own time "
-        "(Stats.slm_forward_ms + llm_forward_ms); *other* is wall minus engine. *Ratio* and *extra per span* "
-        "are medians over the paired runs (split and in-process run back to back).",
+        "Modes: *in-process* (Orchestrator, LocalEngineClient engines and MemorySessionStore in one process), "
+        "*gRPC engines* (that orchestrator in the benchmark's process, driving the split deployment's engine "
+        "services, no Redis), *split* (LocalDeployment: engines, orchestrator and redis-server as separate "
+        "processes, called with RStitchClient.complete). One torch thread per engine in every mode; all modes "
+        "produced identical token ids in every run.",
         "",
-        "| model pair | policy | tokens | spans | switches | engine ms | in-process ms (other) "
-        "| split ms (other) | split / in-process | extra ms per span |",
+        f"Per generation: a prompt's median over rounds, averaged over the {len(PROMPTS)} prompts; "
+        f"max_new_tokens {args.max_new_tokens}. *Engine* is the engines' own time as they report it "
+        "(Stats.slm_forward_ms + llm_forward_ms). *split / in-process* is the median over the paired runs.",
+        "",
+        "| model pair | policy | tokens | spans | switches | engine ms in-process / split | in-process ms "
+        "| gRPC engines ms | split ms | split / in-process |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
+        loc, hyb, spl = (r["avg"][m] for m in ("in-process", "gRPC engines", "split"))
         lines.append(
-            f"| {r['pair']} | {r['policy']} | {r['tokens']:.0f} | {r['spans']:.1f} | {r['switches']:.1f} "
-            f"| {r['engine_local']:.1f} | {r['wall_local']:.1f} ({r['wall_local'] - r['engine_local']:.1f}) "
-            f"| {r['wall_split']:.1f} ({r['wall_split'] - r['engine_split']:.1f}) | {r['ratio']:.3f} "
-            f"| {r['per_span']:.2f} |")
+            f"| {r['pair']} | {r['policy']} | {loc['tokens']:.1f} | {loc['spans']:.1f} | {loc['switches']:.1f} "
+            f"| {loc['engine']:.1f} / {spl['engine']:.1f} | {loc['wall']:.1f} | {hyb['wall']:.1f} "
+            f"| {spl['wall']:.1f} | {r['ratio']:.3f} |")
     lines += [
         "",
-        "Where the split mode's extra time goes: every span is one engine RPC (Prefill or Decode) and one "
-        "Redis round trip (the span log append, which also reads the cancel flag) on the critical path, "
-        "plus per generation the client's Complete RPC, the engines' Release RPCs and reading the session "
-        "back from Redis. Measured directly on the running deployment (medians):",
+        "Where the split mode's extra time goes, in ms per span (each span is one engine Prefill/Decode call "
+        "and one Redis append on the critical path; a generation adds the client's Complete call, two Release "
+        "calls and reading the session back). The columns add up to the total: *engine forward slower* is "
+        "the rise of the engines' own reported time when they run behind a gRPC server; *engine calls over "
+        "gRPC* is the rest of gRPC engines minus in-process; *orchestrator as a service + Redis* is split "
+        "minus gRPC engines.",
         "",
-        "| model pair | engine gRPC round trip (Info) ms | Redis span append ms | sum per span ms |",
-        "|---|--:|--:|--:|",
+        "| model pair | policy | extra per span | engine forward slower | engine calls over gRPC "
+        "| orchestrator as a service + Redis |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        loc, hyb, spl = (r["avg"][m] for m in ("in-process", "gRPC engines", "split"))
+        other = {m: a["wall"] - a["engine"] for m, a in r["avg"].items()}
+        n = loc["spans"]
+        lines.append(
+            f"| {r['pair']} | {r['policy']} | {(spl['wall'] - loc['wall']) / n:.2f} "
+            f"| {(spl['engine'] - loc['engine']) / n:.2f} "
+            f"| {(other['gRPC engines'] - other['in-process']) / n:.2f} "
+            f"| {(other['split'] - other['gRPC engines']) / n:.2f} |")
+    lines += [
+        "",
+        "Floors, measured directly on the running deployment (median of 300 calls):",
+        "",
+        "| model pair | engine gRPC round trip (Info) ms | Redis span append ms |",
+        "|---|--:|--:|",
     ]
     for name, c in costs.items():
-        lines.append(f"| {name} | {c['grpc']:.3f} | {c['redis']:.3f} | {c['grpc'] + c['redis']:.3f} |")
+        lines.append(f"| {name} | {c['grpc']:.3f} | {c['redis']:.3f} |")
     lines += ["", f"![latency split into engine time and the rest]({path.with_suffix('.png').name})", ""]
     path.write_text("\n".join(lines))
 
@@ -205,33 +232,34 @@ def plot(path: Path, rows):
     import matplotlib.pyplot as plt
 
     pairs = list(dict.fromkeys(r["pair"] for r in rows))
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6.5 * len(pairs), 5), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         mine = [r for r in rows if r["pair"] == pair]
         labels, engine, other = [], [], []
         for r in mine:
-            for mode, wall, eng in (("in-process", r["wall_local"], r["engine_local"]),
-                                    ("split", r["wall_split"], r["engine_split"])):
-                labels.append(f"{r['policy']}\n{mode}")
-                engine.append(eng)
-                other.append(wall - eng)
-        x = range(len(labels))
-        ax.bar(x, engine, color="#4c72b0", label="engine forward time")
-        ax.bar(x, other, bottom=engine, color="#dd8452", label="everything else (orchestration)")
+            for mode, a in r["avg"].items():
+                labels.append(f"{mode}\n{r['policy']}")
+                engine.append(a["engine"])
+                other.append(a["wall"] - a["engine"])
+        x = list(range(len(labels)))
+        ax.bar(x, engine, color="#4c72b0", label="engines' own forward time")
+        ax.bar(x, other, bottom=engine, color="#dd8452", label="everything else")
+        per = len(mine[0]["avg"])
         for i, r in enumerate(mine):
-            ax.annotate(f"x{r['ratio']:.3f}", (2 * i + 1, r["wall_split"]), ha="center", va="bottom", fontsize=9)
-        ax.set_xticks(list(x), labels, fontsize=8)
+            split = r["avg"]["split"]["wall"]
+            ax.annotate(f"x{r['ratio']:.3f}", (per * i + per - 1, split), ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(x, labels, fontsize=7)
         ax.set_ylabel("ms per generation")
-        ax.set_title(f"{pair} model pair (split / in-process above)")
-        ax.margins(y=0.12)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.set_title(f"{pair} model pair (split / in-process above the split bars)", fontsize=10)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5, help="measured rounds (after one warm-up round)")
+    p.add_argument("--rounds", type=int, default=4, help="measured rounds (after one warm-up round)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--pairs", nargs="+", choices=["tiny", "larger"], default=["tiny", "larger"])
     p.add_argument("--out", default="docs/overhead", help="writes OUT.md and OUT.png")
@@ -252,8 +280,8 @@ def main():
     write_markdown(out.with_suffix(".md"), rows, costs, args, command)
     plot(out.with_suffix(".png"), rows)
     for r in rows:
-        print(f"{r['pair']:>6} {r['policy']:<16} in-process {r['wall_local']:8.1f} ms  split {r['wall_split']:8.1f} ms  "
-              f"ratio {r['ratio']:.3f}  extra/span {r['per_span']:.2f} ms")
+        walls = "  ".join(f"{m} {a['wall']:.1f} ms" for m, a in r["avg"].items())
+        print(f"{r['pair']:>6} {r['policy']:<16} {walls}  split/in-process {r['ratio']:.3f}")
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 

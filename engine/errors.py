@@ -47,4 +47,6 @@ BY_CODE = {cls.code: cls for cls in (InvalidRequest, SessionNotFound, CacheMisma
 
 
 def from_status(code: grpc.StatusCode, message: str, cache_len: int | None = None) -> EngineError:
-    return BY_CODE.get(code, EngineError)(message, cache_len)
+    error = BY_CODE.get(code, EngineError)(message, cache_len)
+    error.code = code  # e.g. DEADLINE_EXCEEDED or CANCELLED keep their own code
+    return error

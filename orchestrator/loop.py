@@ -1,5 +1,6 @@
 """Algorithm 1 of the R-Stitch paper, span by span, over any two engine clients."""
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -46,14 +47,18 @@ class Progress:
         return opb.SpanRecord(source=role, token_ids=span.token_ids, entropies=span.entropies)
 
 
-def stitch(progress: Progress, policy: Policy, engines: dict, store, timeout=None) -> Iterator[opb.SpanRecord]:
-    """Ask the active engine for a span, log it, pick the next engine; until EOS, length or cancel."""
+def stitch(progress: Progress, policy: Policy, engines: dict, store, deadline: float | None = None
+           ) -> Iterator[opb.SpanRecord]:
+    """Ask the active engine for a span, log it, pick the next engine; until EOS, length or cancel.
+
+    deadline (time.monotonic()) bounds every engine call, so a request's deadline reaches the engines.
+    """
     role = policy.first
     while True:
         rule = policy.rule(role)
         rule.max_tokens = progress.max_new_tokens - len(progress.tokens)
         rule.stop_token_ids.extend(progress.stop_token_ids)
-        span = advance(engines[role], progress, role, rule, timeout)
+        span = advance(engines[role], progress, role, rule, deadline)
         record = progress.commit(role, span)
         cancel_requested = store.append(progress.session_id, record, progress.synced, progress.stats)
         yield record
@@ -67,13 +72,14 @@ def stitch(progress: Progress, policy: Policy, engines: dict, store, timeout=Non
         role = next_role
 
 
-def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, timeout=None) -> epb.Span:
+def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, deadline: float | None = None) -> epb.Span:
     """One span from `engine`, sending it exactly the tokens it has not seen (partial prefill).
 
     A lost or evicted session (NOT_FOUND) is prefilled again from the log; a cache of another
     length than ours (FAILED_PRECONDITION) is rolled back to what the sequence keeps.
     """
     for _ in range(REPAIRS_PER_SPAN):
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         base = progress.synced[role]
         unseen = progress.sequence[base:]
         try:

@@ -20,6 +20,10 @@ from .text import IncrementalText, encode_prompt, load_tokenizer
 log = logging.getLogger(__name__)
 
 
+PASSED_THROUGH = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  grpc.StatusCode.CANCELLED}
+
+
 class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -34,7 +38,7 @@ class Defaults:
 
 
 class Orchestrator:
-    def __init__(self, slm, llm, store: SessionStore, defaults: Defaults = Defaults(), engine_timeout_s: float = 60):
+    def __init__(self, slm, llm, store: SessionStore, defaults: Defaults = Defaults(), engine_timeout_s: float = 600):
         self.engines = {SLM: slm, LLM: llm}
         self.store = store
         self.defaults = defaults
@@ -69,8 +73,8 @@ class Orchestrator:
         status, error = opb.STATUS_FINISHED, ""
         try:
             policy = make_policy(header.spec.policy, header.tau)
-            timeout = timeout_s if timeout_s is not None else self.engine_timeout_s
-            for record in stitch(progress, policy, self.engines, self.store, timeout):
+            deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.engine_timeout_s)
+            for record in stitch(progress, policy, self.engines, self.store, deadline):
                 if record.token_ids:
                     yield opb.GenerateResponse(delta=opb.Delta(span=record, text=text.push(record.token_ids)))
             if progress.finish_reason == opb.FINISH_REASON_CANCELLED:
@@ -80,8 +84,10 @@ class Orchestrator:
             raise
         except EngineError as e:
             status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
-            raise RequestError(grpc.StatusCode.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE
-                               else grpc.StatusCode.INTERNAL, f"engine failed: {e}") from None
+            # The engine protocol's own states (NOT_FOUND, FAILED_PRECONDITION...) mean nothing to the
+            # application: they surface as INTERNAL; transport and capacity troubles keep their code.
+            code = e.code if e.code in PASSED_THROUGH else grpc.StatusCode.INTERNAL
+            raise RequestError(code, f"engine failed: {e}") from None
         except StoreUnavailable as e:
             status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None

@@ -128,3 +128,21 @@ def test_orchestrator_refuses_engines_with_different_tokenizers(deployment, fore
         foreign.stop()
     assert proc.returncode != 0
     assert "do not share a tokenizer" in proc.stderr
+
+
+def test_plain_output_highlights_llm_tokens_on_a_terminal():
+    from rstitch.cli import LLM_STYLE, RESET, render
+    from rstitch.client import GenerationResult
+
+    result = GenerationResult(text="ab", pieces=[("slm", "a"), ("llm", "b")])
+    assert render(result, color=True) == f"a{LLM_STYLE}b{RESET}"
+    assert render(result, color=False) == "ab"
+
+
+def test_demo_runs_a_stitched_generation_and_stops_everything():
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    proc = subprocess.run([sys.executable, "-m", "rstitch.cli", "demo", "--max-new-tokens", "30"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "sessions in redis://127.0.0.1:" in proc.stderr  # a private redis-server was started
+    assert "switches" in proc.stdout and "SLM" in proc.stdout
