@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CacheMismatch, InvalidRequest, KVExhausted, SessionBusy, SessionNotFound
+from .errors import CacheMismatch, EngineError, InvalidRequest, KVExhausted, SessionBusy, SessionNotFound
 
 
 @dataclass(eq=False)
@@ -65,9 +65,11 @@ class SessionTable:
             self._sessions.move_to_end(session_id)
         try:
             yield session
-        except Exception:
-            # A failed call may leave the cache half-updated: drop it, the caller re-prefills.
-            self._drop(session)
+        except Exception as e:
+            # A contract error leaves the cache as it was; anything else may have left it half-updated,
+            # so drop it and let the caller re-prefill. A session that never held a token goes too.
+            if not isinstance(e, EngineError) or session.length == 0:
+                self._drop(session)
             raise
         finally:
             session.in_use = False

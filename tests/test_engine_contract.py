@@ -170,6 +170,9 @@ def test_decode_without_a_kept_distribution_is_failed_precondition(client, sid):
     span = prefill(client, sid, PROMPT, max_tokens=2).span
     with pytest.raises(errors.CacheMismatch, match="send the last token again"):
         client.decode(pb.DecodeRequest(session_id=sid, base_len=span.cache_len, rule=pb.SpanRule(max_tokens=1)))
+    # The refusal leaves the cache alone: the caller can go on from where it was.
+    more = prefill(client, sid, [span.token_ids[-1]], base=span.cache_len, max_tokens=1).span
+    assert more.cache_len == span.cache_len + 1
 
 
 @pytest.mark.parametrize("tokens, rule, message", [
