@@ -2,12 +2,10 @@
 
 import argparse
 import logging
-import signal
-import threading
 
 from rstitch.v1 import engine_pb2_grpc
 
-from .grpc_server import start_server
+from .grpc_server import serve_until_signalled, start_server
 from .servicer import SERVICE_NAME, EngineServicer
 
 DEFAULT_PORTS = {"slm": 50051, "llm": 50052}
@@ -51,8 +49,4 @@ def main(role: str, argv=None) -> None:
         [SERVICE_NAME], args.host, args.port, args.workers,
     )
     logging.info("serving %s engine on %s:%d", role.upper(), args.host, port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=5).wait()
+    serve_until_signalled(server)

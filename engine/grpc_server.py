@@ -1,5 +1,7 @@
 """Starting a gRPC server with the standard health service and reflection (shared by all services)."""
 
+import signal
+import threading
 from concurrent import futures
 
 import grpc
@@ -28,3 +30,12 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
+
+
+def serve_until_signalled(server, grace_s: float = 5) -> None:
+    """Block until SIGTERM or SIGINT, then let in-flight calls finish for up to grace_s."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=grace_s).wait()

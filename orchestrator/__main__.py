@@ -2,11 +2,9 @@
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 
-from engine.grpc_server import start_server
+from engine.grpc_server import serve_until_signalled, start_server
 from rstitch.v1 import orchestrator_pb2_grpc
 
 from .engine_client import GrpcEngineClient
@@ -56,11 +54,7 @@ def main(argv=None) -> None:
         [SERVICE_NAME], args.host, args.port, args.workers,
     )
     logging.info("serving orchestrator on %s:%d", args.host, port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=5).wait()
+    serve_until_signalled(server)
 
 
 if __name__ == "__main__":

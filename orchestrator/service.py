@@ -105,20 +105,10 @@ class Orchestrator:
         return self.session(session_id)
 
     def session(self, session_id: str) -> opb.Session:
-        if not session_id:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
-        session = self._store(lambda: self.store.get(session_id))
-        if session is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} (never created, or expired)")
-        return session
+        return self._existing(session_id, self.store.get)
 
     def cancel(self, session_id: str) -> int:
-        if not session_id:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
-        status = self._store(lambda: self.store.request_cancel(session_id))
-        if status is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} (never created, or expired)")
-        return status
+        return self._existing(session_id, self.store.request_cancel)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -165,6 +155,14 @@ class Orchestrator:
                               self.tokenizer.decode(progress.tokens, skip_special_tokens=True), error)
         except StoreUnavailable as e:
             log.error("session %s finished but could not be recorded: %s", progress.session_id, e)
+
+    def _existing(self, session_id: str, op):
+        if not session_id:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        found = self._store(lambda: op(session_id))
+        if found is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} (never created, or expired)")
+        return found
 
     @staticmethod
     def _store(op):
