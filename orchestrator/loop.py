@@ -56,7 +56,8 @@ def stitch(progress: Progress, policy: Policy, engines: dict, store, deadline: f
     role = policy.first
     while True:
         rule = policy.rule(role)
-        rule.max_tokens = progress.max_new_tokens - len(progress.tokens)
+        remaining = progress.max_new_tokens - len(progress.tokens)
+        rule.max_tokens = min(rule.max_tokens or remaining, remaining)
         rule.stop_token_ids.extend(progress.stop_token_ids)
         span = advance(engines[role], progress, role, rule, deadline)
         record = progress.commit(role, span)

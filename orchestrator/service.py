@@ -72,7 +72,7 @@ class Orchestrator:
         started = time.perf_counter()
         status, error = opb.STATUS_FINISHED, ""
         try:
-            policy = make_policy(header.spec.policy, header.tau)
+            policy = make_policy(header)
             deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.engine_timeout_s)
             for record in stitch(progress, policy, self.engines, self.store, deadline):
                 if record.token_ids:
@@ -116,11 +116,14 @@ class Orchestrator:
         """Validate the request and apply defaults; the result is what the store keeps."""
         invalid = lambda msg: RequestError(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
         policy = spec.policy or opb.POLICY_ENTROPY
-        if policy not in (opb.POLICY_ENTROPY, opb.POLICY_LLM, opb.POLICY_SLM):
-            raise invalid(f"unknown policy {spec.policy}; use entropy, llm or slm")
+        if policy not in opb.Policy.values() or policy == opb.POLICY_UNSPECIFIED:
+            raise invalid(f"unknown policy {spec.policy}; use entropy, llm, slm or random")
         tau = spec.tau if spec.HasField("tau") else self.defaults.tau
         if not math.isfinite(tau) or not 0.0 <= tau <= 1.0:
             raise invalid(f"tau must be in [0, 1] (normalized entropy), got {tau}")
+        slm_probability = spec.slm_probability if spec.HasField("slm_probability") else 0.5
+        if not math.isfinite(slm_probability) or not 0.0 <= slm_probability <= 1.0:
+            raise invalid(f"slm_probability must be in [0, 1], got {slm_probability}")
         max_new = spec.max_new_tokens or self.defaults.max_new_tokens
         if max_new > self.defaults.max_new_tokens_limit:
             raise invalid(f"max_new_tokens {max_new} is above this server's limit of {self.defaults.max_new_tokens_limit}")
@@ -142,7 +145,7 @@ class Orchestrator:
         resolved.CopyFrom(spec)
         resolved.policy = policy
         return opb.Session(session_id=uuid.uuid4().hex, status=opb.STATUS_RUNNING, spec=resolved,
-                           prompt_token_ids=prompt, tau=tau, max_new_tokens=max_new)
+                           prompt_token_ids=prompt, tau=tau, max_new_tokens=max_new, slm_probability=slm_probability)
 
     def _finish(self, progress: Progress, status: int, error: str) -> None:
         for engine in self.engines.values():

@@ -90,6 +90,7 @@ def test_redis_log_equals_what_the_client_received(deployment):
     (["--token-ids", "5,999"], "INVALID_ARGUMENT", "outside the vocabulary"),
     (["--max-new-tokens", "100000", "hi"], "INVALID_ARGUMENT", "above this server's limit"),
     (["--raw", ""], "INVALID_ARGUMENT", "prompt is empty"),
+    (["--policy", "random", "--slm-probability", "2", "hi"], "INVALID_ARGUMENT", "slm_probability must be in"),
 ])
 def test_bad_requests_get_a_clear_status(deployment, args, code, message):
     proc = cli("generate", "--orchestrator", deployment.address, *args, check=False)

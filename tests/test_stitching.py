@@ -122,3 +122,18 @@ def test_engines_with_different_tokenizers_are_refused(engines, foreign_tokenize
     foreign = LocalEngineClient(HFEngine(foreign_tokenizer_model, role="slm"))
     with pytest.raises(ValueError, match="do not share a tokenizer"):
         Orchestrator(foreign, LocalEngineClient(engines["llm"]), MemorySessionStore())
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+def test_random_routing_extremes_are_the_single_models(orchestrator, prompt):
+    def routed(p, seed=0):
+        spec = opb.GenerationSpec(text=prompt, policy=opb.POLICY_RANDOM, slm_probability=p, seed=seed,
+                                  max_new_tokens=MAX_NEW)
+        session = orchestrator.complete(spec)
+        return [t for s in session.spans for t in s.token_ids], [s.source for s in session.spans for _ in s.token_ids]
+
+    assert routed(1.0)[0] == run(orchestrator, prompt, opb.POLICY_SLM)[1]
+    assert routed(0.0)[0] == run(orchestrator, prompt, opb.POLICY_LLM)[1]
+    mixed = routed(0.5, seed=7)
+    assert mixed == routed(0.5, seed=7)  # seeded: the same routing every time
+    assert {SLM, LLM} <= set(mixed[1]) or len(mixed[1]) < 8

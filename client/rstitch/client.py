@@ -8,7 +8,7 @@ import grpc
 from .v1 import orchestrator_pb2 as opb
 from .v1 import orchestrator_pb2_grpc
 
-POLICIES = {"entropy": opb.POLICY_ENTROPY, "llm": opb.POLICY_LLM, "slm": opb.POLICY_SLM}
+POLICIES = {"entropy": opb.POLICY_ENTROPY, "llm": opb.POLICY_LLM, "slm": opb.POLICY_SLM, "random": opb.POLICY_RANDOM}
 SOURCE_NAMES = {opb.SOURCE_SLM: "slm", opb.SOURCE_LLM: "llm"}
 
 
@@ -30,16 +30,19 @@ class GenerationResult:
 
 
 def make_spec(prompt: str | Sequence[int], *, policy: str = "entropy", tau: float | None = None,
-              max_new_tokens: int = 0, raw: bool = False) -> opb.GenerationSpec:
+              max_new_tokens: int = 0, raw: bool = False, slm_probability: float | None = None,
+              seed: int = 0) -> opb.GenerationSpec:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw)
+    spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw, seed=seed)
     if isinstance(prompt, str):
         spec.text = prompt
     else:
         spec.token_ids.token_ids.extend(prompt)
     if tau is not None:
         spec.tau = tau
+    if slm_probability is not None:
+        spec.slm_probability = slm_probability
     return spec
 
 
@@ -64,7 +67,7 @@ class RStitchClient:
         return self._stub.Generate(opb.GenerateRequest(spec=make_spec(prompt, **options)), timeout=self.timeout)
 
     def generate(self, prompt, **options) -> GenerationResult:
-        """Stream one generation and gather it. Options: policy, tau, max_new_tokens, raw."""
+        """Stream one generation and gather it. Options: see make_spec."""
         result = GenerationResult()
         for event in self.stream(prompt, **options):
             kind = event.WhichOneof("event")

@@ -13,6 +13,7 @@ class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_ENTROPY: _ClassVar[Policy]
     POLICY_LLM: _ClassVar[Policy]
     POLICY_SLM: _ClassVar[Policy]
+    POLICY_RANDOM: _ClassVar[Policy]
 
 class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ POLICY_UNSPECIFIED: Policy
 POLICY_ENTROPY: Policy
 POLICY_LLM: Policy
 POLICY_SLM: Policy
+POLICY_RANDOM: Policy
 SOURCE_UNSPECIFIED: Source
 SOURCE_SLM: Source
 SOURCE_LLM: Source
@@ -76,7 +78,7 @@ class TokenIds(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationSpec(_message.Message):
-    __slots__ = ("text", "messages", "token_ids", "raw", "policy", "tau", "max_new_tokens", "stop_token_ids")
+    __slots__ = ("text", "messages", "token_ids", "raw", "policy", "tau", "max_new_tokens", "stop_token_ids", "slm_probability", "seed")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +87,8 @@ class GenerationSpec(_message.Message):
     TAU_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SLM_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     text: str
     messages: Messages
     token_ids: TokenIds
@@ -93,7 +97,9 @@ class GenerationSpec(_message.Message):
     tau: float
     max_new_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    slm_probability: float
+    seed: int
+    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., slm_probability: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("spec",)
@@ -172,7 +178,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "status", "spec", "prompt_token_ids", "spans", "stats", "finish_reason", "error", "text", "tau", "max_new_tokens")
+    __slots__ = ("session_id", "status", "spec", "prompt_token_ids", "spans", "stats", "finish_reason", "error", "text", "tau", "max_new_tokens", "slm_probability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +190,7 @@ class Session(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SLM_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     status: Status
     spec: GenerationSpec
@@ -195,7 +202,8 @@ class Session(_message.Message):
     text: str
     tau: float
     max_new_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., spans: _Optional[_Iterable[_Union[SpanRecord, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., text: _Optional[str] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    slm_probability: float
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., spans: _Optional[_Iterable[_Union[SpanRecord, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., text: _Optional[str] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., slm_probability: _Optional[float] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("spec",)
