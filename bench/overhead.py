@@ -252,7 +252,8 @@ def plot(path: Path, rows):
         ax.set_ylabel("ms per generation")
         ax.set_title(f"{pair} model pair (split / in-process above the split bars)", fontsize=10)
         ax.margins(y=0.15)
-        ax.legend(fontsize=8, loc="upper right")
+        # Below the axes: inside, it would cover the ratio labels of tall bars.
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -36,7 +36,7 @@ class Engine(ABC):
             raise InvalidRequest("verify needs tokens to verify")
         with self.sessions.checkout(req.session_id, req.base_len, create=req.base_len == 0) as session:
             span, greedy = self._span(session, tokens, req.rule, req.verify)
-        return pb.PrefillResponse(span=span, greedy_token_ids=greedy)
+        return pb.PrefillResponse(span=span, greedy_token_ids=greedy[0], greedy_entropies=greedy[1])
 
     def decode(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         validate_rule(req.rule, self.vocab_size, self.max_context)
@@ -61,8 +61,10 @@ class Engine(ABC):
     # --- what a backend provides --------------------------------------------------------------
 
     @abstractmethod
-    def _span(self, session: Session, tokens: list[int], rule: pb.SpanRule, verify: bool) -> tuple[pb.Span, list[int]]:
-        """Append tokens to the cache, then decode a span under rule (see engine.proto)."""
+    def _span(self, session: Session, tokens: list[int], rule: pb.SpanRule, verify: bool
+              ) -> tuple[pb.Span, tuple[list[int], list[float]]]:
+        """Append tokens to the cache, then decode a span under rule (see engine.proto). With verify,
+        also the greedy choice and its entropy after every appended token."""
 
     @abstractmethod
     def _truncate(self, session: Session, length: int) -> None:

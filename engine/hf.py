@@ -85,11 +85,11 @@ class HFEngine(Engine):
 
     def _span(self, session, tokens, rule, verify):
         clock = SpanClock()
-        greedy: list[int] = []
+        greedy = ([], [])
         if tokens:
             logits, hidden = self._forward(session, tokens, clock, all_positions=verify, hidden=rule.return_hidden)
             if verify:
-                greedy, _ = greedy_with_entropy(logits, self.vocab_size)
+                greedy = greedy_with_entropy(logits, self.vocab_size)
             logits = logits[-1]
         elif session.state is None or session.state.next_logits is None:
             raise CacheMismatch(

@@ -59,7 +59,7 @@ def stitch(progress: Progress, policy: Policy, engines: dict, store, deadline: f
         remaining = progress.max_new_tokens - len(progress.tokens)
         rule.max_tokens = min(rule.max_tokens or remaining, remaining)
         rule.stop_token_ids.extend(progress.stop_token_ids)
-        span = advance(engines[role], progress, role, rule, deadline)
+        span = advance(engines[role], progress, role, rule, deadline).span
         record = progress.commit(role, span)
         cancel_requested = store.append(progress.session_id, record, progress.synced, progress.stats)
         yield record
@@ -73,8 +73,10 @@ def stitch(progress: Progress, policy: Policy, engines: dict, store, deadline: f
         role = next_role
 
 
-def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, deadline: float | None = None) -> epb.Span:
-    """One span from `engine`, sending it exactly the tokens it has not seen (partial prefill).
+def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, deadline: float | None = None,
+            draft: list[int] = ()) -> epb.PrefillResponse:
+    """One call to `engine`, sending it exactly the tokens it has not seen (partial prefill), then
+    `draft` tokens to verify, if any (their greedy choices come back in the response).
 
     A lost or evicted session (NOT_FOUND) is prefilled again from the log; a cache of another
     length than ours (FAILED_PRECONDITION) is rolled back to what the sequence keeps.
@@ -82,14 +84,15 @@ def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, deadline:
     for _ in range(REPAIRS_PER_SPAN):
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         base = progress.synced[role]
-        unseen = progress.sequence[base:]
+        unseen = progress.sequence[base:] + list(draft)
         try:
             if unseen:
-                req = epb.PrefillRequest(session_id=progress.session_id, base_len=base, token_ids=unseen, rule=rule)
-                span = engine.prefill(req, timeout=timeout).span
+                req = epb.PrefillRequest(session_id=progress.session_id, base_len=base, token_ids=unseen, rule=rule,
+                                         verify=bool(draft))
+                out = engine.prefill(req, timeout=timeout)
             else:
-                span = engine.decode(epb.DecodeRequest(session_id=progress.session_id, base_len=base, rule=rule),
-                                     timeout=timeout).span
+                req = epb.DecodeRequest(session_id=progress.session_id, base_len=base, rule=rule)
+                out = epb.PrefillResponse(span=engine.decode(req, timeout=timeout).span)
         except SessionNotFound:
             progress.synced[role] = 0
             continue
@@ -100,10 +103,17 @@ def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, deadline:
             progress.stats.slm_prefill_tokens += len(unseen)
         else:
             progress.stats.llm_prefill_tokens += len(unseen)
-        progress.synced[role] = span.cache_len
-        return span
+        progress.synced[role] = out.span.cache_len
+        return out
     raise CacheMismatch(f"{engine.address}: session {progress.session_id} could not be brought in sync "
                         f"after {REPAIRS_PER_SPAN} tries")
+
+
+def roll_back(engine, progress: Progress, role: int, length: int, timeout=None) -> None:
+    """Cut the engine's cache to `length` tokens if it holds more."""
+    if progress.synced[role] > length:
+        engine.rollback(epb.RollbackRequest(session_id=progress.session_id, length=length), timeout=timeout)
+        progress.synced[role] = length
 
 
 def _resync(engine, progress: Progress, engine_len: int, timeout) -> int:

@@ -13,6 +13,7 @@ from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
 from .loop import Progress, stitch
+from .speculative import speculate
 from .policies import LLM, SLM, make_policy
 from .store import SessionStore, StoreUnavailable
 from .text import IncrementalText, encode_prompt, load_tokenizer
@@ -62,6 +63,7 @@ class Orchestrator:
 
     def generate(self, spec: opb.GenerationSpec, timeout_s: float | None = None):
         """Yields GenerateResponse events: Started, one Delta per non-empty span, Finished."""
+        started = time.perf_counter()  # latency includes validation, tokenization and store writes
         header = self._resolve(spec)
         progress = Progress(header.session_id, list(header.prompt_token_ids), header.max_new_tokens,
                             sorted(set(self.eos_token_ids) | set(spec.stop_token_ids)))
@@ -69,12 +71,14 @@ class Orchestrator:
         yield opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
                                                        prompt_token_ids=header.prompt_token_ids))
         text = IncrementalText(self.tokenizer)
-        started = time.perf_counter()
         status, error = opb.STATUS_FINISHED, ""
         try:
-            policy = make_policy(header)
             deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.engine_timeout_s)
-            for record in stitch(progress, policy, self.engines, self.store, deadline):
+            if header.spec.policy == opb.POLICY_SPEC:
+                records = speculate(progress, self.engines, self.store, header.draft_tokens, deadline)
+            else:
+                records = stitch(progress, make_policy(header), self.engines, self.store, deadline)
+            for record in records:
                 if record.token_ids:
                     yield opb.GenerateResponse(delta=opb.Delta(span=record, text=text.push(record.token_ids)))
             if progress.finish_reason == opb.FINISH_REASON_CANCELLED:
@@ -124,6 +128,9 @@ class Orchestrator:
         slm_probability = spec.slm_probability if spec.HasField("slm_probability") else 0.5
         if not math.isfinite(slm_probability) or not 0.0 <= slm_probability <= 1.0:
             raise invalid(f"slm_probability must be in [0, 1], got {slm_probability}")
+        draft_tokens = spec.draft_tokens or 4
+        if draft_tokens > 64:
+            raise invalid(f"draft_tokens {draft_tokens} is too many: the SLM drafts at most 64 tokens per verification")
         max_new = spec.max_new_tokens or self.defaults.max_new_tokens
         if max_new > self.defaults.max_new_tokens_limit:
             raise invalid(f"max_new_tokens {max_new} is above this server's limit of {self.defaults.max_new_tokens_limit}")
@@ -145,7 +152,8 @@ class Orchestrator:
         resolved.CopyFrom(spec)
         resolved.policy = policy
         return opb.Session(session_id=uuid.uuid4().hex, status=opb.STATUS_RUNNING, spec=resolved,
-                           prompt_token_ids=prompt, tau=tau, max_new_tokens=max_new, slm_probability=slm_probability)
+                           prompt_token_ids=prompt, tau=tau, max_new_tokens=max_new, slm_probability=slm_probability,
+                           draft_tokens=draft_tokens)
 
     def _finish(self, progress: Progress, status: int, error: str) -> None:
         for engine in self.engines.values():

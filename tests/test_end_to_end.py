@@ -91,6 +91,7 @@ def test_redis_log_equals_what_the_client_received(deployment):
     (["--max-new-tokens", "100000", "hi"], "INVALID_ARGUMENT", "above this server's limit"),
     (["--raw", ""], "INVALID_ARGUMENT", "prompt is empty"),
     (["--policy", "random", "--slm-probability", "2", "hi"], "INVALID_ARGUMENT", "slm_probability must be in"),
+    (["--policy", "spec", "--draft-tokens", "500", "hi"], "INVALID_ARGUMENT", "draft_tokens 500 is too many"),
 ])
 def test_bad_requests_get_a_clear_status(deployment, args, code, message):
     proc = cli("generate", "--orchestrator", deployment.address, *args, check=False)

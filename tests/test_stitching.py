@@ -137,3 +137,30 @@ def test_random_routing_extremes_are_the_single_models(orchestrator, prompt):
     mixed = routed(0.5, seed=7)
     assert mixed == routed(0.5, seed=7)  # seeded: the same routing every time
     assert {SLM, LLM} <= set(mixed[1]) or len(mixed[1]) < 8
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 4, 7])
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+def test_speculative_decoding_equals_llm_greedy(orchestrator, engines, prompt, draft_tokens):
+    spec = opb.GenerationSpec(text=prompt, policy=opb.POLICY_SPEC, draft_tokens=draft_tokens, max_new_tokens=MAX_NEW)
+    session = orchestrator.complete(spec)
+    tokens = [t for s in session.spans for t in s.token_ids]
+    assert tokens == run(orchestrator, prompt, opb.POLICY_LLM)[1]
+    stats = session.stats
+    assert stats.drafted_tokens >= stats.accepted_tokens and stats.slm_tokens == stats.accepted_tokens
+    assert stats.slm_tokens + stats.llm_tokens == len(tokens)
+
+
+def test_speculative_decoding_accepts_everything_when_the_draft_is_the_llm(engines, model_paths):
+    """With the LLM as its own drafter every draft is accepted: the acceptance path and rollbacks."""
+    from engine.hf import HFEngine
+    from orchestrator.engine_client import LocalEngineClient
+    from orchestrator.service import Orchestrator
+    from orchestrator.store import MemorySessionStore
+
+    drafter = LocalEngineClient(HFEngine(model_paths["llm"], role="slm"))
+    orchestrator = Orchestrator(drafter, LocalEngineClient(engines["llm"]), MemorySessionStore())
+    session = orchestrator.complete(opb.GenerationSpec(text=PROMPTS[0], policy=opb.POLICY_SPEC, draft_tokens=5,
+                                                       max_new_tokens=MAX_NEW))
+    assert session.stats.accepted_tokens == session.stats.drafted_tokens > 0
+    assert [t for s in session.spans for t in s.token_ids] == run(orchestrator, PROMPTS[0], opb.POLICY_LLM)[1]

@@ -31,7 +31,8 @@ def cmd_generate(args) -> int:
     prompt = [int(t) for t in args.prompt.split(",")] if args.token_ids else args.prompt
     with RStitchClient(args.orchestrator, timeout=args.timeout) as client:
         result = client.generate(prompt, policy=args.policy, tau=args.tau, max_new_tokens=args.max_new_tokens,
-                                 raw=args.raw, slm_probability=args.slm_probability, seed=args.seed)
+                                 raw=args.raw, slm_probability=args.slm_probability, seed=args.seed,
+                                 draft_tokens=args.draft_tokens)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau", type=float, help="entropy threshold in [0, 1] (default: the server's)")
     g.add_argument("--slm-probability", type=float, help="random policy: chance a token goes to the SLM (default 0.5)")
     g.add_argument("--seed", type=int, default=0, help="random policy: seed of the routing draws")
+    g.add_argument("--draft-tokens", type=int, default=0, help="spec policy: tokens drafted per verification (0: 4)")
     g.add_argument("--max-new-tokens", type=int, default=0, help="0: the server's default")
     g.add_argument("--token-ids", action="store_true", help="PROMPT is comma-separated token ids")
     g.add_argument("--raw", action="store_true", help="tokenize the text without the chat template")

@@ -8,7 +8,8 @@ import grpc
 from .v1 import orchestrator_pb2 as opb
 from .v1 import orchestrator_pb2_grpc
 
-POLICIES = {"entropy": opb.POLICY_ENTROPY, "llm": opb.POLICY_LLM, "slm": opb.POLICY_SLM, "random": opb.POLICY_RANDOM}
+POLICIES = {"entropy": opb.POLICY_ENTROPY, "llm": opb.POLICY_LLM, "slm": opb.POLICY_SLM, "random": opb.POLICY_RANDOM,
+            "spec": opb.POLICY_SPEC}
 SOURCE_NAMES = {opb.SOURCE_SLM: "slm", opb.SOURCE_LLM: "llm"}
 
 
@@ -31,10 +32,11 @@ class GenerationResult:
 
 def make_spec(prompt: str | Sequence[int], *, policy: str = "entropy", tau: float | None = None,
               max_new_tokens: int = 0, raw: bool = False, slm_probability: float | None = None,
-              seed: int = 0) -> opb.GenerationSpec:
+              seed: int = 0, draft_tokens: int = 0) -> opb.GenerationSpec:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw, seed=seed)
+    spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw, seed=seed,
+                              draft_tokens=draft_tokens)
     if isinstance(prompt, str):
         spec.text = prompt
     else:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rstitch/v1/engine.proto\x12\nrstitch.v1\"z\n\x08SpanRule\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x1e\n\x04gate\x18\x03 \x01(\x0e\x32\x10.rstitch.v1.Gate\x12\x0b\n\x03tau\x18\x04 \x01(\x02\x12\x15\n\rreturn_hidden\x18\x05 \x01(\x08\">\n\tCandidate\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\x12\x0e\n\x06hidden\x18\x03 \x01(\x0c\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x66orwards\x18\x03 \x01(\r\"\xbc\x01\n\x04Span\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x11\n\tentropies\x18\x02 \x03(\x02\x12(\n\tcandidate\x18\x03 \x01(\x0b\x32\x15.rstitch.v1.Candidate\x12+\n\x0bstop_reason\x18\x04 \x01(\x0e\x32\x16.rstitch.v1.StopReason\x12\x11\n\tcache_len\x18\x05 \x01(\r\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.rstitch.v1.Timings\"}\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\"\n\x04rule\x18\x04 \x01(\x0b\x32\x14.rstitch.v1.SpanRule\x12\x0e\n\x06verify\x18\x05 \x01(\x08\"K\n\x0fPrefillResponse\x12\x1e\n\x04span\x18\x01 \x01(\x0b\x32\x10.rstitch.v1.Span\x12\x18\n\x10greedy_token_ids\x18\x02 \x03(\r\"Y\n\rDecodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\"\n\x04rule\x18\x03 \x01(\x0b\x32\x14.rstitch.v1.SpanRule\"0\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x04span\x18\x01 \x01(\x0b\x32\x10.rstitch.v1.Span\"5\n\x0fRollbackRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\"%\n\x10RollbackResponse\x12\x11\n\tcache_len\x18\x01 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\x98\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x06 \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x13\n\x0bhidden_size\x18\r \x01(\r\"\x15\n\x13GetTokenizerRequest\"\x95\x01\n\x14GetTokenizerResponse\x12:\n\x05\x66iles\x18\x01 \x03(\x0b\x32+.rstitch.v1.GetTokenizerResponse.FilesEntry\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01*L\n\x04Gate\x12\x14\n\x10GATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fGATE_STOP_ABOVE\x10\x01\x12\x19\n\x15GATE_STOP_AT_OR_BELOW\x10\x02*\x95\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x01\x12\x1a\n\x16STOP_REASON_STOP_TOKEN\x10\x02\x12\x1c\n\x18STOP_REASON_CONTEXT_FULL\x10\x03\x12\x14\n\x10STOP_REASON_GATE\x10\x04\x32\xa6\x03\n\x06\x45ngine\x12\x42\n\x07Prefill\x12\x1a.rstitch.v1.PrefillRequest\x1a\x1b.rstitch.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.rstitch.v1.DecodeRequest\x1a\x1a.rstitch.v1.DecodeResponse\x12\x45\n\x08Rollback\x12\x1b.rstitch.v1.RollbackRequest\x1a\x1c.rstitch.v1.RollbackResponse\x12\x42\n\x07Release\x12\x1a.rstitch.v1.ReleaseRequest\x1a\x1b.rstitch.v1.ReleaseResponse\x12\x39\n\x04Info\x12\x17.rstitch.v1.InfoRequest\x1a\x18.rstitch.v1.InfoResponse\x12Q\n\x0cGetTokenizer\x12\x1f.rstitch.v1.GetTokenizerRequest\x1a .rstitch.v1.GetTokenizerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rstitch/v1/engine.proto\x12\nrstitch.v1\"z\n\x08SpanRule\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x1e\n\x04gate\x18\x03 \x01(\x0e\x32\x10.rstitch.v1.Gate\x12\x0b\n\x03tau\x18\x04 \x01(\x02\x12\x15\n\rreturn_hidden\x18\x05 \x01(\x08\">\n\tCandidate\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\x12\x0e\n\x06hidden\x18\x03 \x01(\x0c\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x66orwards\x18\x03 \x01(\r\"\xbc\x01\n\x04Span\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x11\n\tentropies\x18\x02 \x03(\x02\x12(\n\tcandidate\x18\x03 \x01(\x0b\x32\x15.rstitch.v1.Candidate\x12+\n\x0bstop_reason\x18\x04 \x01(\x0e\x32\x16.rstitch.v1.StopReason\x12\x11\n\tcache_len\x18\x05 \x01(\r\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.rstitch.v1.Timings\"}\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\"\n\x04rule\x18\x04 \x01(\x0b\x32\x14.rstitch.v1.SpanRule\x12\x0e\n\x06verify\x18\x05 \x01(\x08\"e\n\x0fPrefillResponse\x12\x1e\n\x04span\x18\x01 \x01(\x0b\x32\x10.rstitch.v1.Span\x12\x18\n\x10greedy_token_ids\x18\x02 \x03(\r\x12\x18\n\x10greedy_entropies\x18\x03 \x03(\x02\"Y\n\rDecodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\"\n\x04rule\x18\x03 \x01(\x0b\x32\x14.rstitch.v1.SpanRule\"0\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x04span\x18\x01 \x01(\x0b\x32\x10.rstitch.v1.Span\"5\n\x0fRollbackRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\"%\n\x10RollbackResponse\x12\x11\n\tcache_len\x18\x01 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\x98\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x06 \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x13\n\x0bhidden_size\x18\r \x01(\r\"\x15\n\x13GetTokenizerRequest\"\x95\x01\n\x14GetTokenizerResponse\x12:\n\x05\x66iles\x18\x01 \x03(\x0b\x32+.rstitch.v1.GetTokenizerResponse.FilesEntry\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01*L\n\x04Gate\x12\x14\n\x10GATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fGATE_STOP_ABOVE\x10\x01\x12\x19\n\x15GATE_STOP_AT_OR_BELOW\x10\x02*\x95\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x01\x12\x1a\n\x16STOP_REASON_STOP_TOKEN\x10\x02\x12\x1c\n\x18STOP_REASON_CONTEXT_FULL\x10\x03\x12\x14\n\x10STOP_REASON_GATE\x10\x04\x32\xa6\x03\n\x06\x45ngine\x12\x42\n\x07Prefill\x12\x1a.rstitch.v1.PrefillRequest\x1a\x1b.rstitch.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.rstitch.v1.DecodeRequest\x1a\x1a.rstitch.v1.DecodeResponse\x12\x45\n\x08Rollback\x12\x1b.rstitch.v1.RollbackRequest\x1a\x1c.rstitch.v1.RollbackResponse\x12\x42\n\x07Release\x12\x1a.rstitch.v1.ReleaseRequest\x1a\x1b.rstitch.v1.ReleaseResponse\x12\x39\n\x04Info\x12\x17.rstitch.v1.InfoRequest\x1a\x18.rstitch.v1.InfoResponse\x12Q\n\x0cGetTokenizer\x12\x1f.rstitch.v1.GetTokenizerRequest\x1a .rstitch.v1.GetTokenizerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._loaded_options = None
   _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_options = b'8\001'
-  _globals['_GATE']._serialized_start=1472
-  _globals['_GATE']._serialized_end=1548
-  _globals['_STOPREASON']._serialized_start=1551
-  _globals['_STOPREASON']._serialized_end=1700
+  _globals['_GATE']._serialized_start=1498
+  _globals['_GATE']._serialized_end=1574
+  _globals['_STOPREASON']._serialized_start=1577
+  _globals['_STOPREASON']._serialized_end=1726
   _globals['_SPANRULE']._serialized_start=39
   _globals['_SPANRULE']._serialized_end=161
   _globals['_CANDIDATE']._serialized_start=163
@@ -48,29 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=485
   _globals['_PREFILLREQUEST']._serialized_end=610
   _globals['_PREFILLRESPONSE']._serialized_start=612
-  _globals['_PREFILLRESPONSE']._serialized_end=687
-  _globals['_DECODEREQUEST']._serialized_start=689
-  _globals['_DECODEREQUEST']._serialized_end=778
-  _globals['_DECODERESPONSE']._serialized_start=780
-  _globals['_DECODERESPONSE']._serialized_end=828
-  _globals['_ROLLBACKREQUEST']._serialized_start=830
-  _globals['_ROLLBACKREQUEST']._serialized_end=883
-  _globals['_ROLLBACKRESPONSE']._serialized_start=885
-  _globals['_ROLLBACKRESPONSE']._serialized_end=922
-  _globals['_RELEASEREQUEST']._serialized_start=924
-  _globals['_RELEASEREQUEST']._serialized_end=960
-  _globals['_RELEASERESPONSE']._serialized_start=962
-  _globals['_RELEASERESPONSE']._serialized_end=997
-  _globals['_INFOREQUEST']._serialized_start=999
-  _globals['_INFOREQUEST']._serialized_end=1012
-  _globals['_INFORESPONSE']._serialized_start=1015
-  _globals['_INFORESPONSE']._serialized_end=1295
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=1297
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=1318
-  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1321
-  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1470
-  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_start=1426
-  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_end=1470
-  _globals['_ENGINE']._serialized_start=1703
-  _globals['_ENGINE']._serialized_end=2125
+  _globals['_PREFILLRESPONSE']._serialized_end=713
+  _globals['_DECODEREQUEST']._serialized_start=715
+  _globals['_DECODEREQUEST']._serialized_end=804
+  _globals['_DECODERESPONSE']._serialized_start=806
+  _globals['_DECODERESPONSE']._serialized_end=854
+  _globals['_ROLLBACKREQUEST']._serialized_start=856
+  _globals['_ROLLBACKREQUEST']._serialized_end=909
+  _globals['_ROLLBACKRESPONSE']._serialized_start=911
+  _globals['_ROLLBACKRESPONSE']._serialized_end=948
+  _globals['_RELEASEREQUEST']._serialized_start=950
+  _globals['_RELEASEREQUEST']._serialized_end=986
+  _globals['_RELEASERESPONSE']._serialized_start=988
+  _globals['_RELEASERESPONSE']._serialized_end=1023
+  _globals['_INFOREQUEST']._serialized_start=1025
+  _globals['_INFOREQUEST']._serialized_end=1038
+  _globals['_INFORESPONSE']._serialized_start=1041
+  _globals['_INFORESPONSE']._serialized_end=1321
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1323
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1344
+  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1347
+  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1496
+  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_start=1452
+  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_end=1496
+  _globals['_ENGINE']._serialized_start=1729
+  _globals['_ENGINE']._serialized_end=2151
 # @@protoc_insertion_point(module_scope)

@@ -94,12 +94,14 @@ class PrefillRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., base_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rule: _Optional[_Union[SpanRule, _Mapping]] = ..., verify: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("span", "greedy_token_ids")
+    __slots__ = ("span", "greedy_token_ids", "greedy_entropies")
     SPAN_FIELD_NUMBER: _ClassVar[int]
     GREEDY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_ENTROPIES_FIELD_NUMBER: _ClassVar[int]
     span: Span
     greedy_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., greedy_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    greedy_entropies: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., greedy_token_ids: _Optional[_Iterable[int]] = ..., greedy_entropies: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("session_id", "base_len", "rule")

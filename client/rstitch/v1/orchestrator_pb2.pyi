@@ -14,6 +14,7 @@ class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_LLM: _ClassVar[Policy]
     POLICY_SLM: _ClassVar[Policy]
     POLICY_RANDOM: _ClassVar[Policy]
+    POLICY_SPEC: _ClassVar[Policy]
 
 class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ POLICY_ENTROPY: Policy
 POLICY_LLM: Policy
 POLICY_SLM: Policy
 POLICY_RANDOM: Policy
+POLICY_SPEC: Policy
 SOURCE_UNSPECIFIED: Source
 SOURCE_SLM: Source
 SOURCE_LLM: Source
@@ -78,7 +80,7 @@ class TokenIds(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationSpec(_message.Message):
-    __slots__ = ("text", "messages", "token_ids", "raw", "policy", "tau", "max_new_tokens", "stop_token_ids", "slm_probability", "seed")
+    __slots__ = ("text", "messages", "token_ids", "raw", "policy", "tau", "max_new_tokens", "stop_token_ids", "slm_probability", "seed", "draft_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +91,7 @@ class GenerationSpec(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SLM_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     messages: Messages
     token_ids: TokenIds
@@ -99,7 +102,8 @@ class GenerationSpec(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     slm_probability: float
     seed: int
-    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., slm_probability: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    draft_tokens: int
+    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., slm_probability: _Optional[float] = ..., seed: _Optional[int] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("spec",)
@@ -118,7 +122,7 @@ class SpanRecord(_message.Message):
     def __init__(self, source: _Optional[_Union[Source, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("slm_tokens", "llm_tokens", "switches", "spans", "slm_prefill_tokens", "llm_prefill_tokens", "gated_tokens", "latency_ms", "slm_forward_ms", "llm_forward_ms")
+    __slots__ = ("slm_tokens", "llm_tokens", "switches", "spans", "slm_prefill_tokens", "llm_prefill_tokens", "gated_tokens", "latency_ms", "slm_forward_ms", "llm_forward_ms", "drafted_tokens", "accepted_tokens")
     SLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SWITCHES_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +133,8 @@ class Stats(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     SLM_FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
     LLM_FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     slm_tokens: int
     llm_tokens: int
     switches: int
@@ -139,7 +145,9 @@ class Stats(_message.Message):
     latency_ms: float
     slm_forward_ms: float
     llm_forward_ms: float
-    def __init__(self, slm_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., switches: _Optional[int] = ..., spans: _Optional[int] = ..., slm_prefill_tokens: _Optional[int] = ..., llm_prefill_tokens: _Optional[int] = ..., gated_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., slm_forward_ms: _Optional[float] = ..., llm_forward_ms: _Optional[float] = ...) -> None: ...
+    drafted_tokens: int
+    accepted_tokens: int
+    def __init__(self, slm_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., switches: _Optional[int] = ..., spans: _Optional[int] = ..., slm_prefill_tokens: _Optional[int] = ..., llm_prefill_tokens: _Optional[int] = ..., gated_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., slm_forward_ms: _Optional[float] = ..., llm_forward_ms: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("session_id", "prompt_token_ids")
@@ -178,7 +186,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "status", "spec", "prompt_token_ids", "spans", "stats", "finish_reason", "error", "text", "tau", "max_new_tokens", "slm_probability")
+    __slots__ = ("session_id", "status", "spec", "prompt_token_ids", "spans", "stats", "finish_reason", "error", "text", "tau", "max_new_tokens", "slm_probability", "draft_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +199,7 @@ class Session(_message.Message):
     TAU_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SLM_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     status: Status
     spec: GenerationSpec
@@ -203,7 +212,8 @@ class Session(_message.Message):
     tau: float
     max_new_tokens: int
     slm_probability: float
-    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., spans: _Optional[_Iterable[_Union[SpanRecord, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., text: _Optional[str] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., slm_probability: _Optional[float] = ...) -> None: ...
+    draft_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., spans: _Optional[_Iterable[_Union[SpanRecord, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., text: _Optional[str] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., slm_probability: _Optional[float] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("spec",)
