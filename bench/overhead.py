@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from engine.default_models import build_tokenizer, default_model_path
+from engine.default_models import build_tokenizer, tiny_model_path
 from engine.hf import HFEngine
 from orchestrator.engine_client import GrpcEngineClient, LocalEngineClient
 from orchestrator.policies import LLM, SLM
@@ -273,7 +273,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="rstitch-bench-") as tmp:
         for name in args.pairs:
             if name == "tiny":
-                paths = {r: default_model_path(r) for r in ("slm", "llm")}
+                paths = {r: tiny_model_path(r) for r in ("slm", "llm")}
             else:
                 print("[larger] building the larger random pair ...", flush=True)
                 paths = build_larger(Path(tmp))

@@ -1,8 +1,10 @@
-"""The project's default model pair: tiny causal LMs built in code from fixed seeds.
+"""The project's default model pair, and the tiny pair built in code that the tests use.
 
-They share one character-level tokenizer with a chat template, so every path a real checkpoint
-takes (save_pretrained / from_pretrained, chat template, EOS) is exercised. Built once into a cache
-directory (RSTITCH_HOME, default ~/.cache/rstitch) and loaded from there like any checkpoint.
+The default is the pair trained by `training/` and committed under models/ (RSTITCH_MODELS
+overrides the folder); without it, the tiny pair. The tiny models are random-weight causal LMs
+built from fixed seeds, sharing one character-level tokenizer with a chat template, so every path a
+real checkpoint takes (save_pretrained / from_pretrained, chat template, EOS) is exercised. They are
+built once into a cache directory (RSTITCH_HOME, default ~/.cache/rstitch) and loaded from there.
 """
 
 import hashlib
@@ -70,8 +72,20 @@ def build(role: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def trained_models_dir() -> Path:
+    return Path(os.environ.get("RSTITCH_MODELS", Path(__file__).resolve().parents[1] / "models"))
+
+
 def default_model_path(role: str) -> Path:
-    """The directory of the default `role` model, building it on first use (atomically)."""
+    """The trained `role` model when the trained pair is there, else the tiny one."""
+    trained = {r: trained_models_dir() / f"rstitch-{r}" for r in SHAPES}
+    if all((path / "config.json").exists() for path in trained.values()):
+        return trained[role]
+    return tiny_model_path(role)
+
+
+def tiny_model_path(role: str) -> Path:
+    """The directory of the tiny `role` model, building it on first use (atomically)."""
     tag = hashlib.sha256(json.dumps([VERSION, INIT_RANGE, SHAPES[role], CHAT_TEMPLATE]).encode()).hexdigest()[:10]
     path = home() / "models" / f"tiny-{role}-{tag}"
     if not path.exists():

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from engine.default_models import build_tokenizer, default_model_path
+from engine.default_models import build_tokenizer, tiny_model_path
 from engine.hf import HFEngine
 from orchestrator.engine_client import LocalEngineClient
 from orchestrator.service import Orchestrator
@@ -16,7 +16,7 @@ PROMPTS = ["Hello", "What is 7*8?", "The sky is", "Write a haiku about rivers.",
 
 @pytest.fixture(scope="session")
 def model_paths():
-    return {"slm": default_model_path("slm"), "llm": default_model_path("llm")}
+    return {"slm": tiny_model_path("slm"), "llm": tiny_model_path("llm")}
 
 
 @pytest.fixture(scope="session")

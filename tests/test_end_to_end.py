@@ -18,8 +18,9 @@ from .conftest import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def deployment(redis_server, tmp_path_factory):
-    with LocalDeployment(redis=redis_server.url, log_dir=tmp_path_factory.mktemp("logs")) as d:
+def deployment(redis_server, model_paths, tmp_path_factory):
+    with LocalDeployment(redis=redis_server.url, slm_args=["--model", str(model_paths["slm"])],
+                         llm_args=["--model", str(model_paths["llm"])], log_dir=tmp_path_factory.mktemp("logs")) as d:
         yield d
 
 

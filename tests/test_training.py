@@ -1,0 +1,72 @@
+"""The training task (generator, held-out split, scoring) and a seconds-long run of the trainer."""
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from training.task import Problem, heldout, make_problem, score, training_problems
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_problems_are_exact_and_read_left_to_right():
+    rng = random.Random(0)
+    for _ in range(2000):
+        p = make_problem(rng)
+        assert eval(p.question) == p.answer  # brackets make Python's precedence agree with the chain
+        steps = p.solution.split(";")
+        assert steps[-1] == f"A:{p.answer}" and len(steps) in (3, 4)
+        value = None
+        for step in steps[:-1]:
+            lhs, rhs = step.split("=")
+            assert eval(lhs) == int(rhs) and 0 <= int(rhs) <= 999
+            assert value is None or lhs.startswith(str(value))
+            value = int(rhs)
+
+
+def test_heldout_is_fixed_and_never_trained_on():
+    held = heldout()
+    assert len(held) == 500 and len({p.question for p in held}) == 500
+    assert heldout(10) == held[:10]
+    questions = {p.question for p in held}
+    # Draws collide with held-out questions often enough that the exclusion is really exercised.
+    raw = random.Random(1)
+    assert any(make_problem(raw).question in questions for _ in range(20000))
+    assert not any(p.question in questions for p in itertools.islice(training_problems(seed=1), 20000))
+
+
+def test_score():
+    p = Problem("(69*4-13)*3", "69*4=276;276-13=263;263*3=789;A:789", 789)
+    assert score(p.solution, p)
+    assert score("69*4=276;A:789<eos>junk", p)
+    assert not score("69*4=276;276-13=263;263*3=788;A:788", p)
+    assert not score("A:7890", p)
+    assert not score("69*4=276;276-13=263;263*3=789", p)  # no final answer
+
+
+def test_fast_training_run_saves_a_loadable_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "tiny"
+    run = subprocess.run([sys.executable, "-m", "training.train", "--fast", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "held-out accuracy" in run.stdout
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.dtype == torch.float32 and model.config.eos_token_id == tokenizer.eos_token_id
+    assert len(tokenizer) == model.config.vocab_size
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "1+2"}], add_generation_prompt=True,
+                                         tokenize=False) == "<|user|>1+2<|assistant|>"
+    record = json.loads((out / "training.json").read_text())["runs"]
+    assert len(record) == 1 and record[0]["steps"] == 5 and "--fast" in record[0]["command"]
+    # Resuming continues the saved weights and appends a second run to the record.
+    again = subprocess.run([sys.executable, "-m", "training.train", "--fast", "--resume", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert [r["steps"] for r in json.loads((out / "training.json").read_text())["runs"]] == [5, 5]
