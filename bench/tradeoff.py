@@ -1,0 +1,240 @@
+"""Accuracy against latency: every policy on held-out problems, through the real services.
+
+    python bench/tradeoff.py [--problems N] [--out docs/tradeoff]
+
+Starts the default deployment (both engine services, the orchestrator and a private redis-server
+as separate processes), runs each method on the same held-out problems one at a time (batch 1, as
+in the paper), and writes:
+  docs/tradeoff.md    the table (paper Table 1 / Tables 5-14) and the entropy analysis (section 3.2.1)
+  docs/tradeoff.png   accuracy against mean latency, one curve per method (paper Figure 4)
+  docs/entropy.png    the entropy analysis (paper Figure 3)
+  docs/tradeoff.json  every number the tables were made from
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rstitch import RStitchClient
+from rstitch.local import LocalDeployment
+from training.task import heldout, score
+
+TAUS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3]
+SLM_PROBABILITIES = [0.1, 0.3, 0.5, 0.7, 0.9]
+LOW_ENTROPY = 0.1
+WINDOW = 5  # tokens before (and including) the first harmful token, as in the paper's Figure 3c
+
+
+def methods():
+    yield "llm", {"policy": "llm"}
+    yield "slm", {"policy": "slm"}
+    yield "spec k=4", {"policy": "spec", "draft_tokens": 4}
+    for p in SLM_PROBABILITIES:
+        yield f"random p={p}", {"policy": "random", "slm_probability": p, "seed": 0}
+    for tau in TAUS:
+        yield f"entropy tau={tau}", {"policy": "entropy", "tau": tau}
+
+
+def run_method(client, problems, options, max_new_tokens, progress):
+    runs = []
+    for problem in problems:
+        started = time.perf_counter()
+        result = client.generate(problem.question, max_new_tokens=max_new_tokens, **options)
+        runs.append({"latency_ms": (time.perf_counter() - started) * 1e3, "correct": score(result.text, problem),
+                     "token_ids": result.token_ids, "sources": result.sources, "entropies": result.entropies,
+                     "prompt_token_ids": result.prompt_token_ids, "text": result.text, "stats": result.stats})
+        progress.update()
+    return runs
+
+
+def summarize(name, runs, llm):
+    stats = [r["stats"] for r in runs]
+    mean = lambda key: statistics.fmean(s[key] for s in stats)  # noqa: E731
+    row = {
+        "method": name,
+        "accuracy": 100 * statistics.fmean(r["correct"] for r in runs),
+        "latency_ms": statistics.fmean(r["latency_ms"] for r in runs),
+        "llm_tokens": mean("llm_tokens"), "slm_tokens": mean("slm_tokens"),
+        "total_tokens": mean("llm_tokens") + mean("slm_tokens"), "switches": mean("switches"),
+    }
+    if llm is not None:
+        row["speedup"] = llm["latency_ms"] / row["latency_ms"]
+        row["token_reduction"] = 100 * (1 - row["total_tokens"] / llm["total_tokens"])
+    if sum(s["drafted_tokens"] for s in stats):
+        row["acceptance"] = 100 * sum(s["accepted_tokens"] for s in stats) / sum(s["drafted_tokens"] for s in stats)
+    return row
+
+
+def first_harmful(client, problem, slm, max_new_tokens, decode) -> int | None:
+    """The first SLM token whose inclusion flips the LLM's answer from right to wrong (paper 3.2.1):
+    the LLM finishes the SLM's answer cut after each token in turn. Before the SLM's first departure
+    from the worked solution every prefix is a right one, so the search starts there."""
+    text = decode(slm["token_ids"])
+    start = next((i for i, (a, b) in enumerate(zip(text, problem.solution)) if a != b), min(len(text), len(problem.solution)))
+    for i in range(start, len(slm["token_ids"])):
+        prefix = slm["token_ids"][: i + 1]
+        finished = client.generate(slm["prompt_token_ids"] + prefix, policy="llm", max_new_tokens=max_new_tokens)
+        if not score(decode(prefix) + finished.text, problem):
+            return i
+    return None
+
+
+def entropy_analysis(client, problems, slm_runs, llm_runs, max_new_tokens, decode):
+    """Mean entropy of right vs wrong SLM answers, share of low-entropy tokens, and the entropy
+    around the first harmful token against the overall mean."""
+    all_entropies = [h for r in slm_runs for h in r["entropies"]]
+    right = [statistics.fmean(r["entropies"]) for r in slm_runs if r["correct"] and r["entropies"]]
+    wrong = [statistics.fmean(r["entropies"]) for r in slm_runs if not r["correct"] and r["entropies"]]
+    harmful = []  # (entropy of the harmful token, mean entropy of the window ending at it)
+    cases = [(p, s) for p, s, l in zip(problems, slm_runs, llm_runs) if l["correct"] and not s["correct"]]
+    for problem, slm in tqdm(cases, desc="first harmful tokens", file=sys.stderr):
+        i = first_harmful(client, problem, slm, max_new_tokens, decode)
+        if i is not None:
+            window = slm["entropies"][max(0, i - WINDOW + 1): i + 1]
+            harmful.append((slm["entropies"][i], statistics.fmean(window), i))
+    return {
+        "slm_tokens": len(all_entropies),
+        "mean_entropy_all": statistics.fmean(all_entropies),
+        "mean_entropy_correct": statistics.fmean(right) if right else None,
+        "mean_entropy_incorrect": statistics.fmean(wrong) if wrong else None,
+        "solutions_correct": len(right), "solutions_incorrect": len(wrong),
+        "share_low_entropy": 100 * sum(h <= LOW_ENTROPY for h in all_entropies) / len(all_entropies),
+        "harmful_cases": len(cases), "harmful_found": len(harmful),
+        "harmful_token_entropy": statistics.fmean(h[0] for h in harmful) if harmful else None,
+        "harmful_window_entropy": statistics.fmean(h[1] for h in harmful) if harmful else None,
+        "harmful": harmful, "all_entropies": all_entropies, "correct_means": right, "incorrect_means": wrong,
+    }
+
+
+def fmt(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write_table(rows, analysis, args, info, path):
+    lines = [
+        "# Accuracy against latency on the trained pair",
+        "",
+        f"Made by `{' '.join(['python', 'bench/tradeoff.py', *sys.argv[1:]])}` on {info['date']} "
+        f"({info['machine']}). {args.problems} held-out problems, greedy, batch 1, one generation at a time "
+        "through the split deployment (engine services, orchestrator, Redis; gRPC). Latency is the client's "
+        "wall time per problem; tokens are means per problem; speedup and token reduction are against LLM-only.",
+        "",
+        "| method | accuracy % | latency ms | speedup | LLM tokens | SLM tokens | total tokens | token reduction % "
+        "| switches | spec acceptance % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['accuracy']:.1f} | {r['latency_ms']:.1f} | {fmt(r.get('speedup'), 2)}x "
+                     f"| {r['llm_tokens']:.1f} | {r['slm_tokens']:.1f} | {r['total_tokens']:.1f} "
+                     f"| {fmt(r.get('token_reduction'))} | {r['switches']:.1f} | {fmt(r.get('acceptance'))} |")
+    a = analysis
+    lines += [
+        "",
+        f"spec equals LLM-only token for token on {info['spec_equal']} of {args.problems} problems.",
+        "",
+        "![accuracy against latency](tradeoff.png)",
+        "",
+        "## Entropy analysis (paper section 3.2.1, Figure 3) on the SLM's own answers",
+        "",
+        f"- Mean token entropy of correct SLM solutions: {fmt(a['mean_entropy_correct'], 4)} "
+        f"({a['solutions_correct']} solutions); of incorrect ones: {fmt(a['mean_entropy_incorrect'], 4)} "
+        f"({a['solutions_incorrect']}).",
+        f"- Share of SLM tokens with entropy <= {LOW_ENTROPY}: {a['share_low_entropy']:.1f}% of {a['slm_tokens']}.",
+        f"- First harmful token (the first SLM token whose inclusion makes the LLM's continuation wrong), on the "
+        f"{a['harmful_cases']} problems the LLM gets right and the SLM wrong ({a['harmful_found']} located): "
+        f"its own entropy averages {fmt(a['harmful_token_entropy'], 4)}, the {WINDOW} tokens ending at it "
+        f"{fmt(a['harmful_window_entropy'], 4)}, against {a['mean_entropy_all']:.4f} over all SLM tokens.",
+        "",
+        "![entropy analysis](entropy.png)",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows, analysis, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for prefix, style in (("entropy", "o-"), ("random", "s--")):
+        pts = sorted((r["latency_ms"], r["accuracy"], r["method"]) for r in rows if r["method"].startswith(prefix))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label="R-Stitch (entropy)" if prefix == "entropy"
+                else "random routing")
+        for x, y, name in pts:
+            ax.annotate(name.split(" ")[1], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for r in rows:
+        if r["method"] in ("llm", "slm", "spec k=4"):
+            ax.plot(r["latency_ms"], r["accuracy"], "*", markersize=12, label=f"{r['method']}-only"
+                    if r["method"] != "spec k=4" else "speculative (k=4)")
+    ax.set_xlabel("mean latency per problem (ms)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Accuracy against latency (batch 1, split deployment)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+    a = analysis
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    axes[0].boxplot([a["correct_means"] or [0], a["incorrect_means"] or [0]], tick_labels=["correct", "incorrect"])
+    axes[0].set_title("(a) mean token entropy per SLM solution")
+    axes[1].hist(a["all_entropies"], bins=50, log=True)
+    axes[1].set_title("(b) SLM token entropies (log count)")
+    axes[1].set_xlabel("normalized entropy")
+    bars = [a["mean_entropy_all"], a["harmful_window_entropy"] or 0, a["harmful_token_entropy"] or 0]
+    axes[2].bar(["all tokens", f"{WINDOW} tokens ending\nat first harmful", "first harmful\ntoken"], bars)
+    axes[2].set_title("(c) entropy around the first harmful token")
+    fig.tight_layout()
+    fig.savefig(out.parent / "entropy.png", dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=200, help="held-out problems per method")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", default="docs/tradeoff", help="path prefix of the outputs")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    problems = heldout(args.problems)
+    all_methods = list(methods())
+    from engine.default_models import build_tokenizer
+
+    decode = lambda ids: build_tokenizer().decode(ids, skip_special_tokens=True)  # noqa: E731
+    print("starting the deployment...", file=sys.stderr)
+    with LocalDeployment() as deployment, RStitchClient(deployment.address) as client:
+        client.generate(problems[0].question, policy="entropy")  # warm-up
+        runs = {}
+        with tqdm(total=len(all_methods) * len(problems), desc="generations", file=sys.stderr) as progress:
+            for name, options in all_methods:
+                progress.set_postfix_str(name)
+                runs[name] = run_method(client, problems, options, args.max_new_tokens, progress)
+        analysis = entropy_analysis(client, problems, runs["slm"], runs["llm"], args.max_new_tokens, decode)
+    llm = summarize("llm", runs["llm"], None)
+    rows = [summarize(name, runs[name], llm) for name, _ in all_methods]
+    info = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
+                   f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
+        "spec_equal": sum(s["token_ids"] == l["token_ids"] for s, l in zip(runs["spec k=4"], runs["llm"])),
+    }
+    write_table(rows, analysis, args, info, out.with_suffix(".md"))
+    plot(rows, analysis, out)
+    out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows, "analysis": {
+        k: v for k, v in analysis.items() if k not in ("all_entropies",)}}, indent=1))
+    print(out.with_suffix(".md").read_text())
+    if info["spec_equal"] != args.problems:
+        sys.exit(f"spec differed from LLM-only on {args.problems - info['spec_equal']} problems")
+
+
+if __name__ == "__main__":
+    main()
