@@ -68,11 +68,11 @@ class Orchestrator:
         progress = Progress(header.session_id, list(header.prompt_token_ids), header.max_new_tokens,
                             sorted(set(self.eos_token_ids) | set(spec.stop_token_ids)))
         self._store(lambda: self.store.create(header))
-        yield opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
-                                                       prompt_token_ids=header.prompt_token_ids))
         text = IncrementalText(self.tokenizer)
         status, error = opb.STATUS_FINISHED, ""
         try:
+            yield opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
+                                                           prompt_token_ids=header.prompt_token_ids))
             deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.engine_timeout_s)
             if header.spec.policy == opb.POLICY_SPEC:
                 records = speculate(progress, self.engines, self.store, header.draft_tokens, deadline)

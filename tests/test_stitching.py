@@ -164,3 +164,11 @@ def test_speculative_decoding_accepts_everything_when_the_draft_is_the_llm(engin
                                                        max_new_tokens=MAX_NEW))
     assert session.stats.accepted_tokens == session.stats.drafted_tokens > 0
     assert [t for s in session.spans for t in s.token_ids] == run(orchestrator, PROMPTS[0], opb.POLICY_LLM)[1]
+
+
+def test_a_caller_that_goes_away_leaves_a_cancelled_session(orchestrator):
+    events = orchestrator.generate(opb.GenerationSpec(text=PROMPTS[1], tau=0.3, max_new_tokens=40))
+    session_id = next(events).started.session_id
+    events.close()  # what the gRPC servicer does when the client disconnects
+    session = orchestrator.session(session_id)
+    assert session.status == opb.STATUS_CANCELLED and session.finish_reason == opb.FINISH_REASON_CANCELLED
