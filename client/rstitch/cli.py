@@ -10,7 +10,7 @@ import grpc
 from .client import POLICIES, RStitchClient
 
 LLM_STYLE, RESET = "\033[1;33m", "\033[0m"  # bold yellow: written by the LLM
-DEMO_PROMPT = "Explain in one sentence why the sky is blue."
+DEMO_PROMPT = "(47+38)*6-19"  # the default pair is trained on step-by-step arithmetic
 
 
 def render(result, color: bool) -> str:
@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="start everything locally, run one stitched generation, stop")
     d.add_argument("--prompt", default=DEMO_PROMPT)
-    d.add_argument("--tau", type=float, default=0.3)
-    d.add_argument("--max-new-tokens", type=int, default=60)
+    d.add_argument("--tau", type=float, help="entropy threshold (default: the orchestrator's)")
+    d.add_argument("--max-new-tokens", type=int, default=64)
     d.set_defaults(func=cmd_demo)
     return p
 
