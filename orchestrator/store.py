@@ -72,10 +72,6 @@ class SessionStore(ABC):
         session.spans.extend(opb.SpanRecord.FromString(r) for r in log)
         return session
 
-    def synced(self, session_id: str) -> dict[int, int]:
-        fields, _ = self._load(session_id)
-        return {SLM: int(fields["synced_slm"]), LLM: int(fields["synced_llm"])}
-
     def describe(self) -> str:
         return type(self).__name__
 
