@@ -172,3 +172,29 @@ def test_a_caller_that_goes_away_leaves_a_cancelled_session(orchestrator):
     events.close()  # what the gRPC servicer does when the client disconnects
     session = orchestrator.session(session_id)
     assert session.status == opb.STATUS_CANCELLED and session.finish_reason == opb.FINISH_REASON_CANCELLED
+
+
+def test_extremes_on_the_trained_default_pair():
+    """The same property on the committed trained pair, where most entropies are near zero."""
+    from engine.default_models import default_model_path, trained_models_dir
+    from engine.hf import HFEngine
+    from orchestrator.engine_client import LocalEngineClient
+    from orchestrator.service import Orchestrator
+    from orchestrator.store import MemorySessionStore
+    from training.task import heldout
+
+    assert default_model_path("llm") == trained_models_dir() / "rstitch-llm"
+    engines = {role: HFEngine(default_model_path(role), role=role) for role in ("slm", "llm")}
+    orchestrator = Orchestrator(LocalEngineClient(engines["slm"]), LocalEngineClient(engines["llm"]),
+                                MemorySessionStore())
+    for problem in heldout(4):
+        session, llm_only, _, _ = run(orchestrator, problem.question, opb.POLICY_LLM)
+        assert llm_only == hf_greedy(engines["llm"], list(session.prompt_token_ids))
+        _, at_zero, sources, entropies = run(orchestrator, problem.question, opb.POLICY_ENTROPY, tau=0.0)
+        kept_by_slm = [i for i, s in enumerate(sources) if s == SLM]
+        assert all(entropies[i] == 0.0 for i in kept_by_slm)
+        if not kept_by_slm:
+            assert at_zero == llm_only
+        session, slm_only, _, _ = run(orchestrator, problem.question, opb.POLICY_SLM)
+        assert slm_only == hf_greedy(engines["slm"], list(session.prompt_token_ids))
+        assert run(orchestrator, problem.question, opb.POLICY_ENTROPY, tau=1.0)[1] == slm_only
