@@ -7,10 +7,14 @@ engine client, so the stitching loop handles both transports with one set of exc
 import grpc
 
 CACHE_LEN_KEY = "rstitch-cache-len"
+# Trailing metadata on a RESOURCE_EXHAUSTED that will pass (a full queue), unlike one that will not
+# (a session larger than the whole KV budget).
+RETRYABLE_KEY = "rstitch-retryable"
 
 
 class EngineError(Exception):
     code = grpc.StatusCode.INTERNAL
+    retryable = False  # the same call may succeed a little later
 
     def __init__(self, message: str, cache_len: int | None = None):
         super().__init__(message)
@@ -33,20 +37,30 @@ class CacheMismatch(EngineError):
 
 class SessionBusy(EngineError):
     code = grpc.StatusCode.ABORTED
+    retryable = True
 
 
 class KVExhausted(EngineError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class EngineOverloaded(EngineError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retryable = True
+
+
 class EngineUnavailable(EngineError):
     code = grpc.StatusCode.UNAVAILABLE
+    retryable = True
 
 
-BY_CODE = {cls.code: cls for cls in (InvalidRequest, SessionNotFound, CacheMismatch, SessionBusy, KVExhausted, EngineUnavailable)}
+BY_CODE = {cls.code: cls for cls in (InvalidRequest, SessionNotFound, CacheMismatch, SessionBusy, KVExhausted,
+                                     EngineUnavailable)}
 
 
-def from_status(code: grpc.StatusCode, message: str, cache_len: int | None = None) -> EngineError:
-    error = BY_CODE.get(code, EngineError)(message, cache_len)
+def from_status(code: grpc.StatusCode, message: str, cache_len: int | None = None, retryable: bool = False
+                ) -> EngineError:
+    cls = EngineOverloaded if retryable and code == EngineOverloaded.code else BY_CODE.get(code, EngineError)
+    error = cls(message, cache_len)
     error.code = code  # e.g. DEADLINE_EXCEEDED or CANCELLED keep their own code
     return error

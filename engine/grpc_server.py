@@ -16,14 +16,18 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def start_server(add_servicers, service_names: list[str], host: str, port: int, max_workers: int = 16):
-    """Serve on host:port (port 0 picks one); returns (server, bound port). Health says SERVING."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+def start_server(add_servicers, service_names: list[str], host: str, port: int, max_workers: int = 16,
+                 credentials: grpc.ServerCredentials | None = None, interceptors=()):
+    """Serve on host:port (port 0 picks one), over TLS when given credentials; returns (server, bound port).
+    Health says SERVING."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS,
+                         interceptors=interceptors)
     add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()

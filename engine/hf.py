@@ -46,7 +46,8 @@ class HFEngine(Engine):
     backend = "hf"
 
     def __init__(self, model_path, *, role: str, device: str = "cpu", dtype: str = "float32",
-                 kv_budget_mb: float = 1024, max_context: int | None = None, model_id: str | None = None):
+                 kv_budget_mb: float = 1024, max_context: int | None = None, model_id: str | None = None,
+                 max_sessions: int = 0, max_calls: int = 64):
         self.tokenizer = checkpoints.load_tokenizer(model_path)
         self.model = checkpoints.load_model(model_path, DTYPES[dtype], device)
         self.device, self.dtype = device, dtype
@@ -57,7 +58,8 @@ class HFEngine(Engine):
             context = min(context, max_context)
         self.kv_bytes_per_token = _kv_bytes_per_token(config, self.model.dtype)
         super().__init__(role=role, vocab_size=len(self.tokenizer), max_context=context,
-                         kv_capacity_tokens=int(kv_budget_mb * 2**20 // self.kv_bytes_per_token))
+                         kv_capacity_tokens=int(kv_budget_mb * 2**20 // self.kv_bytes_per_token),
+                         max_sessions=max_sessions, max_calls=max_calls)
         self.hidden_size = config.hidden_size
         self.eos_token_ids = checkpoints.eos_token_ids(self.model, self.tokenizer)
         self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer)
@@ -91,6 +93,9 @@ class HFEngine(Engine):
             if verify:
                 greedy = greedy_with_entropy(logits, self.vocab_size)
             logits = logits[-1]
+        elif session.length == 0:
+            raise CacheMismatch(f"session {session.id!r} holds no tokens (rolled back to 0): Prefill its tokens "
+                                "before decoding", cache_len=0)
         elif session.state is None or session.state.next_logits is None:
             raise CacheMismatch(
                 f"session {session.id!r}: no next-token distribution is kept at the cache's end "
@@ -144,7 +149,8 @@ class HFEngine(Engine):
             model_id=self.model_id, role=self.role, vocab_size=self.vocab_size,
             tokenizer_fingerprint=self.fingerprint, max_context=self.max_context,
             kv_capacity_tokens=self.sessions.capacity, kv_used_tokens=self.sessions.used,
-            sessions=len(self.sessions), eos_token_ids=self.eos_token_ids, backend=self.backend,
+            sessions=len(self.sessions), kv_evictions=self.sessions.evictions, eos_token_ids=self.eos_token_ids,
+            backend=self.backend,
             device=self.device, dtype=self.dtype, hidden_size=self.hidden_size,
         )
 

@@ -9,7 +9,7 @@ from rstitch.v1 import engine_pb2 as pb
 from rstitch.v1 import engine_pb2_grpc
 
 from .backend import Engine
-from .errors import CACHE_LEN_KEY, EngineError
+from .errors import CACHE_LEN_KEY, RETRYABLE_KEY, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,10 @@ def _guarded(method):
         try:
             return method(self, request, context)
         except EngineError as e:
-            if e.cache_len is not None:
-                context.set_trailing_metadata(((CACHE_LEN_KEY, str(e.cache_len)),))
+            metadata = [(CACHE_LEN_KEY, str(e.cache_len))] if e.cache_len is not None else []
+            if e.retryable:
+                metadata.append((RETRYABLE_KEY, "1"))
+            context.set_trailing_metadata(metadata)
             context.abort(e.code, str(e))
         except Exception as e:  # never let a bug take the service down; say what happened
             log.exception("%s failed", method.__name__)

@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CacheMismatch, EngineError, InvalidRequest, KVExhausted, SessionBusy, SessionNotFound
+from .errors import (CacheMismatch, EngineError, EngineOverloaded, InvalidRequest, KVExhausted, SessionBusy,
+                     SessionNotFound)
 
 
 @dataclass(eq=False)
@@ -26,10 +27,11 @@ class SessionTable:
     then gets NOT_FOUND and the caller re-prefills it from its own log.
     """
 
-    def __init__(self, capacity_tokens: int):
+    def __init__(self, capacity_tokens: int, max_sessions: int = 0):
         if capacity_tokens <= 0:
             raise ValueError("the KV budget must hold at least one token")
         self.capacity = capacity_tokens
+        self.max_sessions = max_sessions  # 0: as many as the KV budget holds
         self.used = 0
         self.evictions = 0
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -52,6 +54,8 @@ class SessionTable:
                         "under KV pressure); prefill it again from base_len 0",
                         cache_len=0,
                     )
+                if self.max_sessions and len(self._sessions) >= self.max_sessions:
+                    self._evict_one(f"the engine holds {len(self._sessions)} sessions, its limit (--max-sessions)")
                 session = self._sessions[session_id] = Session(session_id)
             if session.in_use:
                 raise SessionBusy(f"session {session_id!r} has another call in flight on this engine")
@@ -83,13 +87,7 @@ class SessionTable:
                     f"session needs {session.length + n} cached tokens but the whole KV budget is {self.capacity}"
                 )
             while self.used + n > self.capacity:
-                victim = next((s for s in self._sessions.values() if not s.in_use), None)
-                if victim is None:
-                    raise KVExhausted(
-                        f"KV budget full: {self.used} of {self.capacity} tokens held by sessions with calls in flight"
-                    )
-                self._remove(victim)
-                self.evictions += 1
+                self._evict_one(f"KV budget full: {self.used} of {self.capacity} tokens held")
             self.used += n
             session.length += n
 
@@ -107,6 +105,14 @@ class SessionTable:
                 raise SessionBusy(f"session {session_id!r} has a call in flight; release it after the call")
             self._remove(session)
             return True
+
+    def _evict_one(self, why: str) -> None:
+        """Drop the least recently used idle session (caller holds the lock)."""
+        victim = next((s for s in self._sessions.values() if not s.in_use), None)
+        if victim is None:
+            raise EngineOverloaded(f"{why}, all by sessions with calls in flight; retry later")
+        self._remove(victim)
+        self.evictions += 1
 
     def _drop(self, session: Session) -> None:
         with self._lock:

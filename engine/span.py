@@ -10,6 +10,8 @@ from rstitch.v1 import engine_pb2 as pb
 from .errors import InvalidRequest
 
 GATES = (pb.GATE_UNSPECIFIED, pb.GATE_STOP_ABOVE, pb.GATE_STOP_AT_OR_BELOW)
+# Every decoded token is looked up in the stop list: a real one holds the EOS ids and a few more.
+MAX_STOP_TOKENS = 1024
 
 
 def validate_rule(rule: pb.SpanRule, vocab_size: int, max_context: int) -> None:
@@ -19,6 +21,8 @@ def validate_rule(rule: pb.SpanRule, vocab_size: int, max_context: int) -> None:
         raise InvalidRequest(f"tau must be in [0, 1] (entropy is normalized), got {rule.tau}")
     if rule.max_tokens > max_context:
         raise InvalidRequest(f"max_tokens {rule.max_tokens} exceeds the model's context of {max_context} tokens")
+    if len(rule.stop_token_ids) > MAX_STOP_TOKENS:
+        raise InvalidRequest(f"stop_token_ids has {len(rule.stop_token_ids)} entries; at most {MAX_STOP_TOKENS}")
     bad = [t for t in rule.stop_token_ids if t >= vocab_size]
     if bad:
         raise InvalidRequest(f"stop_token_ids {bad[:5]} are outside the vocabulary of {vocab_size} tokens")

@@ -5,8 +5,9 @@ Both raise engine.errors classes, so the stitching loop is the same code for eit
 
 import grpc
 
-from engine.errors import CACHE_LEN_KEY, from_status
+from engine.errors import CACHE_LEN_KEY, RETRYABLE_KEY, from_status
 from engine.grpc_server import CHANNEL_OPTIONS
+from rstitch.security import ClientTLS, channel
 from rstitch.v1 import engine_pb2 as pb
 from rstitch.v1 import engine_pb2_grpc
 
@@ -40,17 +41,30 @@ class LocalEngineClient:
         pass
 
 
+# gRPC's default reconnect backoff grows to 2 minutes; an engine that restarts should be found again
+# within a second, while the loop's own retries (loop.retrying) bound how long a call waits.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 class GrpcEngineClient:
-    def __init__(self, address: str):
+    def __init__(self, address: str, tls: ClientTLS | None = None):
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = channel(address, tls, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
         self._stub = engine_pb2_grpc.EngineStub(self._channel)
 
     def wait_ready(self, timeout: float) -> None:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise ConnectionError(f"engine at {self.address} did not answer within {timeout:.0f} s") from None
+            try:  # a call fails at once with the channel's last connection error: a refused certificate, say
+                self._stub.Info(pb.InfoRequest(), timeout=5)
+            except grpc.RpcError as e:
+                # What a TLS server's refusal looks like from here: it hangs up, and only its own log says why.
+                hint = (" (the engine hung up: it may serve TLS, or want a client certificate it trusts; its log says "
+                        "which)") if e.details().endswith("Socket closed") else ""
+                raise ConnectionError(f"engine at {self.address} did not answer within {timeout:.0f} s: "
+                                      f"{e.details()}{hint}") from None
 
     def _call(self, method, req, timeout):
         try:
@@ -58,7 +72,8 @@ class GrpcEngineClient:
         except grpc.RpcError as e:
             trailing = dict(e.trailing_metadata() or ())
             cache_len = int(trailing[CACHE_LEN_KEY]) if CACHE_LEN_KEY in trailing else None
-            raise from_status(e.code(), f"{self.address}: {e.details()}", cache_len) from None
+            retryable = RETRYABLE_KEY in trailing
+            raise from_status(e.code(), f"{self.address}: {e.details()}", cache_len, retryable) from None
 
     def prefill(self, req, timeout=None):
         return self._call(self._stub.Prefill, req, timeout)

@@ -1,10 +1,12 @@
 """Algorithm 1 of the R-Stitch paper, span by span, over any two engine clients."""
 
+import math
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from engine.errors import CacheMismatch, SessionNotFound
+from engine.errors import CacheMismatch, EngineError, SessionNotFound
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
@@ -25,6 +27,8 @@ class Progress:
     sources: list[int] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
     synced: dict[int, int] = field(default_factory=lambda: {SLM: 0, LLM: 0})
+    role: int = SLM  # the model that writes next
+    logged: int = 0  # spans in the session's log
     stats: opb.Stats = field(default_factory=opb.Stats)
     finish_reason: int = opb.FINISH_REASON_UNSPECIFIED
 
@@ -47,34 +51,75 @@ class Progress:
         return opb.SpanRecord(source=role, token_ids=span.token_ids, entropies=span.entropies)
 
 
-def stitch(progress: Progress, policy: Policy, engines: dict, store, deadline: float | None = None
-           ) -> Iterator[opb.SpanRecord]:
-    """Ask the active engine for a span, log it, pick the next engine; until EOS, length or cancel.
-
-    deadline (time.monotonic()) bounds every engine call, so a request's deadline reaches the engines.
-    """
-    role = policy.first
+def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "Budget") -> Iterator[opb.SpanRecord]:
+    """Ask the active engine for a span, log it, pick the next engine; until EOS, length or cancel."""
     while True:
-        rule = policy.rule(role)
+        role = progress.role
         remaining = progress.max_new_tokens - len(progress.tokens)
+        rule = policy.rule(role, len(progress.tokens), remaining)
         rule.max_tokens = min(rule.max_tokens or remaining, remaining)
         rule.stop_token_ids.extend(progress.stop_token_ids)
-        span = advance(engines[role], progress, role, rule, deadline).span
+        span = advance(engines[role], progress, role, rule, budget).span
         record = progress.commit(role, span)
-        cancel_requested = store.append(progress.session_id, record, progress.synced, progress.stats)
-        yield record
         progress.finish_reason = finish_reason(progress, span)
+        if progress.finish_reason == opb.FINISH_REASON_UNSPECIFIED:
+            progress.role = policy.next(role, span, len(progress.tokens))
+            progress.stats.switches += progress.role != role
+        cancel_requested = journal.log(progress, record)
+        yield record
         if progress.finish_reason == opb.FINISH_REASON_UNSPECIFIED and cancel_requested:
             progress.finish_reason = opb.FINISH_REASON_CANCELLED
         if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
             return
-        next_role = policy.next(role, span)
-        progress.stats.switches += next_role != role
-        role = next_role
 
 
-def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, deadline: float | None = None,
-            draft: list[int] = ()) -> epb.PrefillResponse:
+class CallerGone(Exception):
+    pass
+
+
+class OutOfTime(Exception):
+    pass
+
+
+@dataclass
+class Budget:
+    """What one request's engine calls may take; checked before every call, so that a deadline or a
+    caller that went away stops engine work within one span, for streamed and unary requests alike."""
+
+    deadline: float | None = None  # time.monotonic() by which the request must be done
+    retry_s: float = 30.0  # how long one call keeps retrying an unreachable or overloaded engine
+    caller_alive: Callable[[], bool] = lambda: True
+
+    def timeout(self) -> float | None:
+        if not self.caller_alive():
+            raise CallerGone("the caller cancelled or disconnected")
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise OutOfTime("the request's deadline passed")
+        return left
+
+
+def retrying(call, budget: Budget):
+    """call(timeout), tried again with jittered exponential backoff while the engine is down or
+    overloaded (a restarting engine answers again within seconds), within budget."""
+    pause, give_up = 0.05, None
+    while True:
+        try:
+            return call(budget.timeout())
+        except EngineError as e:
+            if not e.retryable:
+                raise
+            give_up = give_up or min(time.monotonic() + budget.retry_s, budget.deadline or math.inf)
+            if time.monotonic() + pause > give_up:
+                raise
+        time.sleep(pause * random.uniform(0.5, 1.0))
+        pause = min(pause * 2, 1.0)
+
+
+def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: Budget, draft: list[int] = ()
+            ) -> epb.PrefillResponse:
     """One call to `engine`, sending it exactly the tokens it has not seen (partial prefill), then
     `draft` tokens to verify, if any (their greedy choices come back in the response).
 
@@ -82,22 +127,24 @@ def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, deadline:
     length than ours (FAILED_PRECONDITION) is rolled back to what the sequence keeps.
     """
     for _ in range(REPAIRS_PER_SPAN):
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         base = progress.synced[role]
         unseen = progress.sequence[base:] + list(draft)
         try:
             if unseen:
                 req = epb.PrefillRequest(session_id=progress.session_id, base_len=base, token_ids=unseen, rule=rule,
                                          verify=bool(draft))
-                out = engine.prefill(req, timeout=timeout)
+                out = retrying(lambda timeout: engine.prefill(req, timeout=timeout), budget)
             else:
                 req = epb.DecodeRequest(session_id=progress.session_id, base_len=base, rule=rule)
-                out = epb.PrefillResponse(span=engine.decode(req, timeout=timeout).span)
+                out = epb.PrefillResponse(span=retrying(lambda timeout: engine.decode(req, timeout=timeout),
+                                                        budget).span)
         except SessionNotFound:
             progress.synced[role] = 0
             continue
         except CacheMismatch as e:
-            progress.synced[role] = _resync(engine, progress, e.cache_len, timeout)
+            # Keep at least one token to send, so the next call has a distribution to decode from.
+            roll_back(engine, progress, role, min(e.cache_len, len(progress.sequence) - 1), budget,
+                      engine_len=e.cache_len)
             continue
         if role == SLM:
             progress.stats.slm_prefill_tokens += len(unseen)
@@ -109,19 +156,14 @@ def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, deadline:
                         f"after {REPAIRS_PER_SPAN} tries")
 
 
-def roll_back(engine, progress: Progress, role: int, length: int, timeout=None) -> None:
-    """Cut the engine's cache to `length` tokens if it holds more."""
-    if progress.synced[role] > length:
-        engine.rollback(epb.RollbackRequest(session_id=progress.session_id, length=length), timeout=timeout)
-        progress.synced[role] = length
-
-
-def _resync(engine, progress: Progress, engine_len: int, timeout) -> int:
-    # Keep at least one token to send, so the next call has a distribution to decode from.
-    keep = min(engine_len, len(progress.sequence) - 1)
-    if keep < engine_len:
-        engine.rollback(epb.RollbackRequest(session_id=progress.session_id, length=keep), timeout=timeout)
-    return keep
+def roll_back(engine, progress: Progress, role: int, length: int, budget: Budget, engine_len: int | None = None
+              ) -> None:
+    """Cut the engine's cache to `length` tokens if it holds more (engine_len: what it really holds)."""
+    held = progress.synced[role] if engine_len is None else engine_len
+    if held > length:
+        req = epb.RollbackRequest(session_id=progress.session_id, length=length)
+        retrying(lambda timeout: engine.rollback(req, timeout=timeout), budget)
+    progress.synced[role] = min(held, length)
 
 
 def finish_reason(progress: Progress, span: epb.Span) -> int:
@@ -129,6 +171,16 @@ def finish_reason(progress: Progress, span: epb.Span) -> int:
         return opb.FINISH_REASON_EOS
     if span.stop_reason == epb.STOP_REASON_CONTEXT_FULL:
         return opb.FINISH_REASON_CONTEXT_FULL
+    if len(progress.tokens) >= progress.max_new_tokens:
+        return opb.FINISH_REASON_MAX_NEW_TOKENS
+    return opb.FINISH_REASON_UNSPECIFIED
+
+
+def settled(progress: Progress) -> int:
+    """The finish reason of a session whose log already holds its end (its replica died before
+    recording it), else UNSPECIFIED."""
+    if progress.tokens and progress.tokens[-1] in progress.stop_token_ids:
+        return opb.FINISH_REASON_EOS
     if len(progress.tokens) >= progress.max_new_tokens:
         return opb.FINISH_REASON_MAX_NEW_TOKENS
     return opb.FINISH_REASON_UNSPECIFIED

@@ -1,6 +1,6 @@
 """Which engine writes next, and under which span rule (the orchestrator's policies)."""
 
-import random
+import hashlib
 from abc import ABC, abstractmethod
 
 from rstitch.v1 import engine_pb2 as epb
@@ -14,13 +14,16 @@ class Policy(ABC):
     first: int
 
     @abstractmethod
-    def rule(self, role: int) -> epb.SpanRule:
-        """The span rule for `role`: gate, and max_tokens as a cap (0: none). The loop caps max_tokens
-        by what is left of the answer and adds the stop ids."""
+    def rule(self, role: int, position: int, remaining: int) -> epb.SpanRule:
+        """The span rule for `role` writing from answer token `position` on: gate, and max_tokens as a
+        cap (0: none). The loop caps max_tokens by the `remaining` answer length and adds the stop ids."""
 
     @abstractmethod
-    def next(self, role: int, span: epb.Span) -> int:
-        """The role that writes after `role` produced `span`."""
+    def next(self, role: int, span: epb.Span, position: int) -> int:
+        """The role that writes answer token `position`, after `role` produced `span`.
+
+        A policy's choices depend only on these arguments, so a session resumed from its log by
+        another replica continues exactly as it would have."""
 
 
 class EntropyPolicy(Policy):
@@ -32,11 +35,11 @@ class EntropyPolicy(Policy):
     def __init__(self, tau: float):
         self.tau = tau
 
-    def rule(self, role):
+    def rule(self, role, position, remaining):
         gate = epb.GATE_STOP_ABOVE if role == SLM else epb.GATE_STOP_AT_OR_BELOW
         return epb.SpanRule(gate=gate, tau=self.tau)
 
-    def next(self, role, span):
+    def next(self, role, span, position):
         if span.stop_reason == epb.STOP_REASON_GATE:
             return LLM if role == SLM else SLM
         return role
@@ -48,38 +51,35 @@ class SingleModelPolicy(Policy):
     def __init__(self, role: int):
         self.first = role
 
-    def rule(self, role):
+    def rule(self, role, position, remaining):
         return epb.SpanRule()
 
-    def next(self, role, span):
+    def next(self, role, span, position):
         return role
 
 
 class RandomPolicy(Policy):
-    """The paper's random-routing baseline: every token goes to the SLM with probability p, drawn
-    from a seeded generator. A run of equal draws is decoded as one span, so routing stays per token
-    while the engines still decode spans."""
-
-    MAX_RUN = 1 << 16  # with p = 0 or 1 a run never ends by itself
+    """The paper's random-routing baseline: answer token i goes to the SLM with probability p, by a
+    draw seeded with (seed, i). A run of equal draws is decoded as one span, so routing stays per
+    token while the engines still decode spans."""
 
     def __init__(self, slm_probability: float, seed: int):
         self.p = slm_probability
-        self._rng = random.Random(seed)
-        self.first = self._following = self._draw()
+        self.seed = seed
+        self.first = self._draw(0)
 
-    def _draw(self) -> int:
-        return SLM if self._rng.random() < self.p else LLM
+    def _draw(self, position: int) -> int:
+        digest = hashlib.blake2b(f"{self.seed}:{position}".encode(), digest_size=8).digest()
+        return SLM if int.from_bytes(digest, "big") / 2**64 < self.p else LLM
 
-    def rule(self, role):
+    def rule(self, role, position, remaining):
         run = 1
-        self._following = self._draw()
-        while self._following == role and run < self.MAX_RUN:
+        while run < remaining and self._draw(position + run) == role:
             run += 1
-            self._following = self._draw()
         return epb.SpanRule(max_tokens=run)
 
-    def next(self, role, span):
-        return self._following
+    def next(self, role, span, position):
+        return self._draw(position)
 
 
 def make_policy(session: opb.Session) -> Policy:

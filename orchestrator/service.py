@@ -2,20 +2,27 @@
 
 import logging
 import math
+import os
+import socket
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
+from jinja2 import TemplateError  # what a chat template raises on a conversation it refuses
 
 from engine.errors import EngineError
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
-from .loop import Progress, stitch
-from .speculative import speculate
+from engine.admission import Admission, Overloaded, QueueTimeout
+
+from .leases import LeaseKeeper
+from .loop import Budget, CallerGone, OutOfTime, Progress, settled, stitch
 from .policies import LLM, SLM, make_policy
-from .store import SessionStore, StoreUnavailable
+from .speculative import speculate
+from .store import Fenced, Journal, Lease, LeaseHeld, NotResumable, SessionStore, StoreUnavailable
 from .text import IncrementalText, encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -23,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PASSED_THROUGH = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
                   grpc.StatusCode.CANCELLED}
+FOLLOW_POLL_S = 0.1  # how often Resume re-reads the log of a session another replica drives
 
 
 class RequestError(Exception):
@@ -32,19 +40,26 @@ class RequestError(Exception):
 
 
 @dataclass
-class Defaults:
+class Settings:
     # On the trained pair, tau = 0.05 keeps LLM-only accuracy at a third of its latency (docs/tradeoff.md).
     tau: float = 0.05
     max_new_tokens: int = 128
     max_new_tokens_limit: int = 4096
+    max_prompt_tokens: int = 0  # 0: whatever the models' context holds
+    max_sessions: int = 64  # generations driven at once by this replica
+    max_queue: int = 64  # generations waiting for one of those slots
+    engine_timeout_s: float = 600  # a request without a deadline gets this one
+    engine_retry_s: float = 30  # how long a call waits for a lost engine to come back
 
 
 class Orchestrator:
-    def __init__(self, slm, llm, store: SessionStore, defaults: Defaults = Defaults(), engine_timeout_s: float = 600):
+    def __init__(self, slm, llm, store: SessionStore, settings: Settings = Settings()):
         self.engines = {SLM: slm, LLM: llm}
         self.store = store
-        self.defaults = defaults
-        self.engine_timeout_s = engine_timeout_s
+        self.settings = settings
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.admission = Admission(settings.max_sessions, settings.max_queue, f"orchestrator {self.replica}")
+        self.leases = LeaseKeeper(store)
         slm_info, llm_info = slm.info(), llm.info()
         if slm_info.tokenizer_fingerprint != llm_info.tokenizer_fingerprint:
             raise ValueError(
@@ -57,54 +72,70 @@ class Orchestrator:
         self.max_context = min(slm_info.max_context, llm_info.max_context)
         self.eos_token_ids = sorted(set(slm_info.eos_token_ids) | set(llm_info.eos_token_ids))
         self.tokenizer = load_tokenizer(slm.tokenizer_files().files)
-        log.info("paired SLM %s with LLM %s (tokenizer %s, context %d); sessions in %s", slm_info.model_id,
-                 llm_info.model_id, slm_info.tokenizer_fingerprint[:12], self.max_context, store.describe())
+        self._longest_token = max(map(len, self.tokenizer.get_vocab()))
+        log.info("replica %s paired SLM %s with LLM %s (tokenizer %s, context %d); sessions in %s", self.replica,
+                 slm_info.model_id, llm_info.model_id, slm_info.tokenizer_fingerprint[:12], self.max_context,
+                 store.describe())
 
     # --- requests -----------------------------------------------------------------------------
 
-    def generate(self, spec: opb.GenerationSpec, timeout_s: float | None = None):
-        """Yields GenerateResponse events: Started, one Delta per non-empty span, Finished."""
+    def generate(self, spec: opb.GenerationSpec, timeout_s: float | None = None, caller_alive=None):
+        """Yields GenerateResponse events: Started, one Delta per non-empty span, Finished.
+        caller_alive() turning False (a cancelled or disconnected caller) ends it within one span."""
         started = time.perf_counter()  # latency includes validation, tokenization and store writes
+        budget = self._budget(timeout_s, caller_alive)
         header = self._resolve(spec)
-        progress = Progress(header.session_id, list(header.prompt_token_ids), header.max_new_tokens,
-                            sorted(set(self.eos_token_ids) | set(spec.stop_token_ids)))
-        self._store(lambda: self.store.create(header))
-        text = IncrementalText(self.tokenizer)
-        status, error = opb.STATUS_FINISHED, ""
-        try:
-            yield opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
-                                                           prompt_token_ids=header.prompt_token_ids))
-            deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.engine_timeout_s)
-            if header.spec.policy == opb.POLICY_SPEC:
-                records = speculate(progress, self.engines, self.store, header.draft_tokens, deadline)
-            else:
-                records = stitch(progress, make_policy(header), self.engines, self.store, deadline)
-            for record in records:
-                if record.token_ids:
-                    yield opb.GenerateResponse(delta=opb.Delta(span=record, text=text.push(record.token_ids)))
-            if progress.finish_reason == opb.FINISH_REASON_CANCELLED:
-                status = opb.STATUS_CANCELLED
-        except GeneratorExit:  # the caller went away: stop engine work at this span boundary
-            status, progress.finish_reason = opb.STATUS_CANCELLED, opb.FINISH_REASON_CANCELLED
-            raise
-        except EngineError as e:
-            status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
-            # The engine protocol's own states (NOT_FOUND, FAILED_PRECONDITION...) mean nothing to the
-            # application: they surface as INTERNAL; transport and capacity troubles keep their code.
-            code = e.code if e.code in PASSED_THROUGH else grpc.StatusCode.INTERNAL
-            raise RequestError(code, f"engine failed: {e}") from None
-        except StoreUnavailable as e:
-            status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        finally:
-            progress.stats.latency_ms = (time.perf_counter() - started) * 1e3
-            self._finish(progress, status, error)
-        yield opb.GenerateResponse(finished=opb.Finished(finish_reason=progress.finish_reason,
-                                                         stats=progress.stats, text=text.text))
+        with self._admitted(budget):
+            first = SLM if header.spec.policy == opb.POLICY_SPEC else make_policy(header).first
+            lease = self._store(lambda: self.store.create(header, self.replica, first))
+            progress = Progress(header.session_id, list(header.prompt_token_ids), header.max_new_tokens,
+                                self._stop_ids(header), role=first)
+            opening = [opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
+                                                                prompt_token_ids=header.prompt_token_ids))]
+            yield from self._drive(header, progress, lease, budget, IncrementalText(self.tokenizer), started, opening)
 
-    def complete(self, spec: opb.GenerationSpec, timeout_s: float | None = None) -> opb.Session:
+    def resume(self, session_id: str, received_tokens: int = 0, timeout_s: float | None = None, caller_alive=None):
+        """Attach to a session by id: the events a client that has `received_tokens` of its answer has
+        not seen, then the rest of the generation. A session another replica drives is followed from
+        its log until it ends or that replica's lease lapses; then this replica takes it over."""
+        started = time.perf_counter()
+        budget = self._budget(timeout_s, caller_alive)
+        session = self.session(session_id)
+        logged = _answer(session)
+        if received_tokens > len(logged):
+            raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
+                               f"received_tokens is {received_tokens} but session {session_id} has logged "
+                               f"{len(logged)} tokens so far")
+        with self._admitted(budget):
+            yield opb.GenerateResponse(started=opb.Started(session_id=session_id,
+                                                           prompt_token_ids=session.prompt_token_ids))
+            text = IncrementalText(self.tokenizer)
+            text.push(logged[:received_tokens])
+            sent = received_tokens
+            while True:
+                yield from _unseen(session, sent, text)
+                sent = len(_answer(session))
+                if session.status not in (opb.STATUS_RUNNING, opb.STATUS_FAILED):
+                    yield opb.GenerateResponse(finished=opb.Finished(
+                        finish_reason=session.finish_reason, stats=session.stats, text=text.text))
+                    return
+                try:
+                    lease = self._store(lambda: self.store.acquire(session_id, self.replica))
+                except (LeaseHeld, NotResumable) as e:
+                    if budget.deadline is not None and time.monotonic() + FOLLOW_POLL_S > budget.deadline:
+                        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"while following: {e}") from None
+                    time.sleep(FOLLOW_POLL_S)
+                    session = self.session(session_id)
+                    continue
+                log.info("replica %s took over session %s at epoch %d", self.replica, session_id, lease.epoch)
+                session = self.session(session_id)  # final now: the previous owner is fenced
+                yield from self._drive(session, self._progress(session), lease, budget, text, started,
+                                       _unseen(session, sent, text))
+                return
+
+    def complete(self, spec: opb.GenerationSpec, timeout_s: float | None = None, caller_alive=None) -> opb.Session:
         session_id = None
-        for event in self.generate(spec, timeout_s):
+        for event in self.generate(spec, timeout_s, caller_alive):
             if event.HasField("started"):
                 session_id = event.started.session_id
         return self.session(session_id)
@@ -117,13 +148,98 @@ class Orchestrator:
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def _drive(self, header: opb.Session, progress: Progress, lease: Lease, budget: Budget, text: IncrementalText,
+               started: float, opening=()):
+        """Send the `opening` events, then run the session's policy from where `progress` stands to
+        the end, under `lease`."""
+        journal = Journal(self.store, lease)
+        self.leases.hold(lease)
+        status, error = opb.STATUS_FINISHED, ""
+        try:
+            yield from opening
+            progress.finish_reason = settled(progress)
+            if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
+                records = ()  # the previous owner wrote the last token, not the end
+            elif header.spec.policy == opb.POLICY_SPEC:
+                records = speculate(progress, self.engines, journal, header.draft_tokens, budget)
+            else:
+                records = stitch(progress, make_policy(header), self.engines, journal, budget)
+            for record in records:
+                if record.token_ids:
+                    yield opb.GenerateResponse(delta=opb.Delta(span=record, text=text.push(record.token_ids)))
+            if progress.finish_reason == opb.FINISH_REASON_CANCELLED:
+                status = opb.STATUS_CANCELLED
+        except GeneratorExit:  # the caller went away: stop engine work at this span boundary
+            status, progress.finish_reason = opb.STATUS_CANCELLED, opb.FINISH_REASON_CANCELLED
+            raise
+        except CallerGone as e:
+            status, progress.finish_reason = opb.STATUS_CANCELLED, opb.FINISH_REASON_CANCELLED
+            raise RequestError(grpc.StatusCode.CANCELLED, str(e)) from None
+        except OutOfTime as e:  # failed, hence resumable later
+            status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"{e} (session {progress.session_id} can be resumed)") from None
+        except Fenced:
+            status = None  # the session is another replica's now: leave it and its engine caches alone
+            raise RequestError(grpc.StatusCode.ABORTED,
+                               f"session {progress.session_id} was taken over by another orchestrator replica; "
+                               "attach to it there with Resume") from None
+        except EngineError as e:
+            status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
+            # The engine protocol's own states (NOT_FOUND, FAILED_PRECONDITION...) mean nothing to the
+            # application: they surface as INTERNAL; transport and capacity troubles keep their code.
+            code = e.code if e.code in PASSED_THROUGH else grpc.StatusCode.INTERNAL
+            raise RequestError(code, f"engine failed: {e} (session {progress.session_id} can be resumed)") from None
+        except StoreUnavailable as e:
+            status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        finally:
+            self.leases.drop(lease)
+            progress.stats.latency_ms = (time.perf_counter() - started) * 1e3
+            if status is not None:
+                self._finish(progress, journal, status, error)
+        yield opb.GenerateResponse(finished=opb.Finished(finish_reason=progress.finish_reason,
+                                                         stats=progress.stats, text=text.text))
+
+    def _progress(self, session: opb.Session) -> Progress:
+        """The loop's state of a session, rebuilt from its log."""
+        cursor = self._store(lambda: self.store.cursor(session.session_id))
+        progress = Progress(session.session_id, list(session.prompt_token_ids), session.max_new_tokens,
+                            self._stop_ids(session), synced=cursor["synced"], role=cursor["next_role"],
+                            logged=len(session.spans), stats=session.stats)
+        for span in session.spans:
+            progress.tokens += span.token_ids
+            progress.sources += [span.source] * len(span.token_ids)
+            progress.entropies += span.entropies
+        return progress
+
+    def _stop_ids(self, header: opb.Session) -> list[int]:
+        return sorted(set(self.eos_token_ids) | set(header.spec.stop_token_ids))
+
+    def _budget(self, timeout_s: float | None, caller_alive=None) -> Budget:
+        timeout_s = timeout_s if timeout_s is not None else self.settings.engine_timeout_s
+        return Budget(time.monotonic() + timeout_s, self.settings.engine_retry_s, caller_alive or (lambda: True))
+
+    @contextmanager
+    def _admitted(self, budget: Budget):
+        try:
+            with self.admission.slot(budget.timeout()):
+                yield
+        except Overloaded as e:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{e} (--max-sessions {self.settings.max_sessions}, "
+                               f"--max-queue {self.settings.max_queue})") from None
+        except QueueTimeout as e:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+
     def _resolve(self, spec: opb.GenerationSpec) -> opb.Session:
         """Validate the request and apply defaults; the result is what the store keeps."""
         invalid = lambda msg: RequestError(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
         policy = spec.policy or opb.POLICY_ENTROPY
         if policy not in opb.Policy.values() or policy == opb.POLICY_UNSPECIFIED:
-            raise invalid(f"unknown policy {spec.policy}; use entropy, llm, slm or random")
-        tau = spec.tau if spec.HasField("tau") else self.defaults.tau
+            names = [n for n in opb.Policy.keys() if n != "POLICY_UNSPECIFIED"]
+            raise invalid(f"unknown policy {spec.policy}; use {', '.join(names[:-1])} or {names[-1]}")
+        tau = spec.tau if spec.HasField("tau") else self.settings.tau
         if not math.isfinite(tau) or not 0.0 <= tau <= 1.0:
             raise invalid(f"tau must be in [0, 1] (normalized entropy), got {tau}")
         slm_probability = spec.slm_probability if spec.HasField("slm_probability") else 0.5
@@ -132,23 +248,17 @@ class Orchestrator:
         draft_tokens = spec.draft_tokens or 4
         if draft_tokens > 64:
             raise invalid(f"draft_tokens {draft_tokens} is too many: the SLM drafts at most 64 tokens per verification")
-        max_new = spec.max_new_tokens or self.defaults.max_new_tokens
-        if max_new > self.defaults.max_new_tokens_limit:
-            raise invalid(f"max_new_tokens {max_new} is above this server's limit of {self.defaults.max_new_tokens_limit}")
-        if spec.WhichOneof("prompt") is None:
-            raise invalid("the request has no prompt: set text, messages or token_ids")
-        try:
-            prompt = encode_prompt(self.tokenizer, spec)
-        except ValueError as e:
-            raise invalid(str(e)) from None
-        if not prompt:
-            raise invalid("the prompt is empty")
-        bad = [t for t in list(prompt) + list(spec.stop_token_ids) if t >= self.vocab_size]
+        max_new = spec.max_new_tokens or self.settings.max_new_tokens
+        if max_new > self.settings.max_new_tokens_limit:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"max_new_tokens {max_new} is above this server's limit of "
+                               f"{self.settings.max_new_tokens_limit} (--max-new-tokens-limit)")
+        if len(spec.stop_token_ids) > 256:  # the engines take 1024, the EOS ids included
+            raise invalid(f"stop_token_ids has {len(spec.stop_token_ids)} entries; at most 256")
+        bad = [t for t in spec.stop_token_ids if t >= self.vocab_size]
         if bad:
-            raise invalid(f"token ids {bad[:5]} are outside the vocabulary of {self.vocab_size} tokens")
-        if len(prompt) >= self.max_context:
-            raise invalid(f"the prompt has {len(prompt)} tokens; the models' context holds {self.max_context} "
-                          "including the answer")
+            raise invalid(f"stop_token_ids {bad[:5]} are outside the vocabulary of {self.vocab_size} tokens")
+        prompt = self._prompt(spec)
         resolved = opb.GenerationSpec()
         resolved.CopyFrom(spec)
         resolved.policy = policy
@@ -156,17 +266,54 @@ class Orchestrator:
                            prompt_token_ids=prompt, tau=tau, max_new_tokens=max_new, slm_probability=slm_probability,
                            draft_tokens=draft_tokens)
 
-    def _finish(self, progress: Progress, status: int, error: str) -> None:
+    def _prompt(self, spec: opb.GenerationSpec) -> list[int]:
+        """The prompt's token ids, refused when empty, too long or outside the vocabulary."""
+        invalid = lambda msg: RequestError(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
+        kind, messages = spec.WhichOneof("prompt"), spec.messages.messages
+        if kind is None:
+            raise invalid("the request has no prompt: set text, messages or token_ids")
+        if kind == "text" and not spec.text:
+            raise invalid("the prompt is empty: text is an empty string")
+        if kind == "messages" and not messages:
+            raise invalid("messages is empty: send at least one ChatMessage")
+        if kind in ("text", "messages"):
+            # Refuse text that cannot fit before spending seconds tokenizing it: no token covers more
+            # characters than the longest string in the vocabulary.
+            chars = len(spec.text) if kind == "text" else sum(len(m.role) + len(m.content) for m in messages)
+            if chars > self._longest_token * self.max_context or len(messages) > self.max_context:
+                what = f"{chars} characters" if kind == "text" else f"{len(messages)} messages of {chars} characters"
+                raise invalid(f"the prompt has {what}: more than the models' context of {self.max_context} tokens "
+                              "can hold")
+        try:
+            prompt = encode_prompt(self.tokenizer, spec)
+        except (ValueError, TemplateError) as e:
+            raise invalid(f"cannot build the prompt: {e}") from None
+        if not prompt:
+            raise invalid("the prompt is empty")
+        bad = [t for t in prompt if t >= self.vocab_size]
+        if bad:
+            raise invalid(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.vocab_size} tokens")
+        if self.settings.max_prompt_tokens and len(prompt) > self.settings.max_prompt_tokens:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the prompt has {len(prompt)} tokens, above this server's limit of "
+                               f"{self.settings.max_prompt_tokens} (--max-prompt-tokens)")
+        if len(prompt) >= self.max_context:
+            raise invalid(f"the prompt has {len(prompt)} tokens; the models' context holds {self.max_context} "
+                          "including the answer")
+        return prompt
+
+    def _finish(self, progress: Progress, journal: Journal, status: int, error: str) -> None:
         for engine in self.engines.values():
             try:
                 engine.release(epb.ReleaseRequest(session_id=progress.session_id), timeout=5)
             except EngineError as e:  # the cache is freed later by eviction; the result stands
                 log.warning("could not release session %s on %s: %s", progress.session_id, engine.address, e)
         try:
-            self.store.finish(progress.session_id, status, progress.finish_reason, progress.stats,
-                              self.tokenizer.decode(progress.tokens, skip_special_tokens=True), error)
-        except StoreUnavailable as e:
-            log.error("session %s finished but could not be recorded: %s", progress.session_id, e)
+            journal.store.finish(journal.lease, status, progress.finish_reason, progress.stats,
+                                 self.tokenizer.decode(progress.tokens, skip_special_tokens=True), error)
+        except (StoreUnavailable, Fenced) as e:
+            log.error("session %s ended (%s) but could not be recorded: %s", progress.session_id,
+                      opb.Status.Name(status), e)
 
     def _existing(self, session_id: str, op):
         if not session_id:
@@ -182,3 +329,19 @@ class Orchestrator:
             return op()
         except StoreUnavailable as e:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+
+
+def _answer(session: opb.Session) -> list[int]:
+    return [t for span in session.spans for t in span.token_ids]
+
+
+def _unseen(session: opb.Session, sent: int, text: IncrementalText):
+    """Deltas for the logged answer tokens past the first `sent` (a span may be cut at `sent`)."""
+    position = 0
+    for span in session.spans:
+        end = position + len(span.token_ids)
+        if end > sent:
+            cut = max(sent - position, 0)
+            part = opb.SpanRecord(source=span.source, token_ids=span.token_ids[cut:], entropies=span.entropies[cut:])
+            yield opb.GenerateResponse(delta=opb.Delta(span=part, text=text.push(part.token_ids)))
+        position = end

@@ -31,24 +31,35 @@ def _guarded(method):
     return wrapper
 
 
+def _streamed(events, context):
+    try:
+        for event in events:
+            if not context.is_active():  # client cancelled or disconnected
+                return
+            yield event
+    except Exception as e:
+        _abort_on_error(context, e)
+    finally:
+        events.close()  # a caller that went away ends the session at this span boundary
+
+
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, orchestrator: Orchestrator):
         self.orchestrator = orchestrator
 
     def Generate(self, request, context):
-        events = self.orchestrator.generate(request.spec, context.time_remaining())
-        try:
-            for event in events:
-                if not context.is_active():  # client cancelled or disconnected
-                    events.close()
-                    return
-                yield event
-        except Exception as e:
-            _abort_on_error(context, e)
+        yield from _streamed(self.orchestrator.generate(request.spec, context.time_remaining(), context.is_active),
+                             context)
+
+    def Resume(self, request, context):
+        yield from _streamed(
+            self.orchestrator.resume(request.session_id, request.received_tokens, context.time_remaining(),
+                                     context.is_active), context)
 
     @_guarded
     def Complete(self, request, context):
-        return opb.CompleteResponse(session=self.orchestrator.complete(request.spec, context.time_remaining()))
+        session = self.orchestrator.complete(request.spec, context.time_remaining(), context.is_active)
+        return opb.CompleteResponse(session=session)
 
     @_guarded
     def GetSession(self, request, context):

@@ -5,11 +5,11 @@ from collections.abc import Iterator
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
-from .loop import Progress, advance, roll_back
+from .loop import Budget, Progress, advance, roll_back
 from .policies import LLM, SLM
 
 
-def speculate(progress: Progress, engines: dict, store, draft_tokens: int, deadline: float | None = None
+def speculate(progress: Progress, engines: dict, journal, draft_tokens: int, budget: Budget
               ) -> Iterator[opb.SpanRecord]:
     """The SLM drafts up to k tokens; the LLM appends them in one verify prefill and returns its own
     greedy choice after each; the longest agreeing prefix plus the LLM's choice at the first
@@ -18,12 +18,12 @@ def speculate(progress: Progress, engines: dict, store, draft_tokens: int, deadl
         start = len(progress.sequence)
         remaining = progress.max_new_tokens - len(progress.tokens)
         rule = epb.SpanRule(max_tokens=min(draft_tokens, remaining), stop_token_ids=progress.stop_token_ids)
-        draft = advance(engines[SLM], progress, SLM, rule, deadline).span
+        draft = advance(engines[SLM], progress, SLM, rule, budget).span
         drafted = list(draft.token_ids)
         if not drafted:  # the SLM could not draft: the context is full
             progress.finish_reason = opb.FINISH_REASON_CONTEXT_FULL
             return
-        verified = advance(engines[LLM], progress, LLM, epb.SpanRule(max_tokens=0), deadline, draft=drafted)
+        verified = advance(engines[LLM], progress, LLM, epb.SpanRule(max_tokens=0), budget, draft=drafted)
         # The LLM's choices after the sequence's last token and after each drafted token.
         choices = verified.greedy_token_ids[-len(drafted) - 1:]
         entropies = verified.greedy_entropies[-len(drafted) - 1:]
@@ -33,15 +33,15 @@ def speculate(progress: Progress, engines: dict, store, draft_tokens: int, deadl
         kept = drafted[:accepted]
         ends = any(t in progress.stop_token_ids for t in kept) or accepted == remaining
         correction = [] if ends else [choices[accepted]]
-        roll_back(engines[LLM], progress, LLM, start + accepted)
-        roll_back(engines[SLM], progress, SLM, start + accepted)
+        roll_back(engines[LLM], progress, LLM, start + accepted, budget)
+        roll_back(engines[SLM], progress, SLM, start + accepted, budget)
         progress.stats.drafted_tokens += len(drafted)
         progress.stats.accepted_tokens += accepted
         cancel_requested = False
         for role, tokens, ents, timings in ((SLM, kept, draft.entropies[:accepted], draft.timings),
                                             (LLM, correction, entropies[accepted:accepted + 1], verified.span.timings)):
             record = progress.commit(role, epb.Span(token_ids=tokens, entropies=ents, timings=timings))
-            cancel_requested |= store.append(progress.session_id, record, progress.synced, progress.stats)
+            cancel_requested |= journal.log(progress, record)
             yield record
         progress.finish_reason = _finish_reason(progress, correction or kept)
         if progress.finish_reason == opb.FINISH_REASON_UNSPECIFIED and cancel_requested:

@@ -89,7 +89,7 @@ def test_redis_log_equals_what_the_client_received(deployment):
 @pytest.mark.parametrize("args, code, message", [
     (["--tau", "1.5", "hi"], "INVALID_ARGUMENT", "tau must be in [0, 1]"),
     (["--token-ids", "5,999"], "INVALID_ARGUMENT", "outside the vocabulary"),
-    (["--max-new-tokens", "100000", "hi"], "INVALID_ARGUMENT", "above this server's limit"),
+    (["--max-new-tokens", "100000", "hi"], "RESOURCE_EXHAUSTED", "above this server's limit"),
     (["--raw", ""], "INVALID_ARGUMENT", "prompt is empty"),
     (["--policy", "random", "--slm-probability", "2", "hi"], "INVALID_ARGUMENT", "slm_probability must be in"),
     (["--policy", "spec", "--draft-tokens", "500", "hi"], "INVALID_ARGUMENT", "draft_tokens 500 is too many"),

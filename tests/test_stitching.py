@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.default_models import build_tokenizer
-from orchestrator.loop import Progress, stitch
+from orchestrator.loop import Budget, Progress, stitch
 from orchestrator.policies import LLM, SLM, EntropyPolicy
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
@@ -70,7 +70,7 @@ def test_stitched_generation_switches_and_follows_the_rule(orchestrator):
 def test_partial_prefill_after_switches_equals_full_prefill(engines):
     """After a real stitched run, each engine's next-token logits equal one full prefill's."""
     from orchestrator.engine_client import LocalEngineClient
-    from orchestrator.store import MemorySessionStore
+    from orchestrator.store import Journal, MemorySessionStore
 
     tokenizer = build_tokenizer()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Stitch me"}], add_generation_prompt=True,
@@ -78,7 +78,9 @@ def test_partial_prefill_after_switches_equals_full_prefill(engines):
     clients = {SLM: LocalEngineClient(engines["slm"]), LLM: LocalEngineClient(engines["llm"])}
     progress = Progress("partial-prefill", prompt, max_new_tokens=60, stop_token_ids=[])
     store = MemorySessionStore()
-    list(stitch(progress, EntropyPolicy(0.3), clients, store))
+    header = opb.Session(session_id="partial-prefill", status=opb.STATUS_RUNNING)
+    journal = Journal(store, store.create(header, "test", SLM))
+    list(stitch(progress, EntropyPolicy(0.3), clients, journal, Budget()))
     assert progress.stats.switches >= 4
     for role, name in ((SLM, "slm"), (LLM, "llm")):
         engine = engines[name]

@@ -8,6 +8,7 @@ import time
 import grpc
 
 from .client import POLICIES, RStitchClient
+from .security import add_client_tls_args, add_token_arg, client_tls_from_args
 
 LLM_STYLE, RESET = "\033[1;33m", "\033[0m"  # bold yellow: written by the LLM
 DEMO_PROMPT = "(47+38)*6-19"  # the default pair is trained on step-by-step arithmetic
@@ -29,7 +30,7 @@ def summary(result) -> str:
 
 def cmd_generate(args) -> int:
     prompt = [int(t) for t in args.prompt.split(",")] if args.token_ids else args.prompt
-    with RStitchClient(args.orchestrator, timeout=args.timeout) as client:
+    with connect(args) as client:
         result = client.generate(prompt, policy=args.policy, tau=args.tau, max_new_tokens=args.max_new_tokens,
                                  raw=args.raw, slm_probability=args.slm_probability, seed=args.seed,
                                  draft_tokens=args.draft_tokens)
@@ -44,7 +45,7 @@ def cmd_generate(args) -> int:
 def cmd_session(args) -> int:
     from google.protobuf import json_format
 
-    with RStitchClient(args.orchestrator, timeout=args.timeout) as client:
+    with connect(args) as client:
         print(json_format.MessageToJson(client.session(args.session_id)))
     return 0
 
@@ -68,13 +69,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def connect(args) -> RStitchClient:
+    return RStitchClient(args.orchestrator, timeout=args.timeout, tls=args.tls, token=args.token)
+
+
+def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None:
+    parser.add_argument("--orchestrator", default="127.0.0.1:50050", help="HOST:PORT")
+    parser.add_argument("--timeout", type=float, default=timeout, help="deadline in seconds")
+    add_client_tls_args(parser, what="the orchestrator")
+    add_token_arg(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rstitch", description="R-Stitch: SLM/LLM stitched decoding as a service.")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="run one generation on an orchestrator")
     g.add_argument("prompt", help="text (chat template applied when the model has one), or ids with --token-ids")
-    g.add_argument("--orchestrator", default="127.0.0.1:50050", help="HOST:PORT")
+    add_connection_args(g, timeout=300)
     g.add_argument("--policy", choices=list(POLICIES), default="entropy")
     g.add_argument("--tau", type=float, help="entropy threshold in [0, 1] (default: the server's)")
     g.add_argument("--slm-probability", type=float, help="random policy: chance a token goes to the SLM (default 0.5)")
@@ -84,13 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-ids", action="store_true", help="PROMPT is comma-separated token ids")
     g.add_argument("--raw", action="store_true", help="tokenize the text without the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object (ids, sources, entropies, stats)")
-    g.add_argument("--timeout", type=float, default=300, help="deadline in seconds")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("session", help="show a session as the orchestrator's store holds it")
     s.add_argument("session_id")
-    s.add_argument("--orchestrator", default="127.0.0.1:50050")
-    s.add_argument("--timeout", type=float, default=30)
+    add_connection_args(s, timeout=30)
     s.set_defaults(func=cmd_session)
 
     d = sub.add_parser("demo", help="start everything locally, run one stitched generation, stop")
@@ -102,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "demo":  # the commands that connect to an orchestrator
+        args.tls = client_tls_from_args(parser, args)
     try:
         return args.func(args)
     except grpc.RpcError as e:

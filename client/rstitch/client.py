@@ -1,15 +1,19 @@
 """A small Python client for the orchestrator's gRPC API."""
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
+from .security import ClientTLS, channel
 from .v1 import orchestrator_pb2 as opb
 from .v1 import orchestrator_pb2_grpc
 
 POLICIES = {"entropy": opb.POLICY_ENTROPY, "llm": opb.POLICY_LLM, "slm": opb.POLICY_SLM, "random": opb.POLICY_RANDOM,
             "spec": opb.POLICY_SPEC}
+# A broken stream worth attaching to again: the replica went away, or another one took the session over.
+REATTACH_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
 SOURCE_NAMES = {opb.SOURCE_SLM: "slm", opb.SOURCE_LLM: "llm"}
 
 
@@ -49,10 +53,12 @@ def make_spec(prompt: str | Sequence[int], *, policy: str = "entropy", tau: floa
 
 
 class RStitchClient:
-    def __init__(self, address: str, timeout: float | None = 300):
+    def __init__(self, address: str, timeout: float | None = 300, *, tls: ClientTLS | None = None,
+                 token: str | None = None):
+        """tls: TLS (mutual with a client certificate); token: for an orchestrator that requires one."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._channel = channel(address, tls, token)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     def __enter__(self):
@@ -68,27 +74,33 @@ class RStitchClient:
         """The raw event stream: Started, Delta per span, Finished."""
         return self._stub.Generate(opb.GenerateRequest(spec=make_spec(prompt, **options)), timeout=self.timeout)
 
-    def generate(self, prompt, **options) -> GenerationResult:
-        """Stream one generation and gather it. Options: see make_spec."""
+    def generate(self, prompt, reattach: int = 3, **options) -> GenerationResult:
+        """Stream one generation and gather it. Options: see make_spec.
+
+        If the stream breaks after the session started (its orchestrator replica died or lost the
+        session to another one), the client attaches to the session again with Resume, up to
+        `reattach` times, and receives exactly the tokens it is missing. Give the client an address
+        that reaches several replicas (a DNS name, or "ipv4:HOST:PORT,HOST:PORT") so it can fail over.
+        """
         result = GenerationResult()
-        for event in self.stream(prompt, **options):
-            kind = event.WhichOneof("event")
-            if kind == "started":
-                result.session_id = event.started.session_id
-                result.prompt_token_ids = list(event.started.prompt_token_ids)
-            elif kind == "delta":
-                span = event.delta.span
-                source = SOURCE_NAMES[span.source]
-                result.token_ids += span.token_ids
-                result.sources += [source] * len(span.token_ids)
-                result.entropies += span.entropies
-                result.pieces.append((source, event.delta.text))
-            else:
-                finished = event.finished
-                result.text = finished.text
-                result.finish_reason = opb.FinishReason.Name(finished.finish_reason).removeprefix("FINISH_REASON_").lower()
-                result.stats = stats_dict(finished.stats)
-        return result
+        events = self.stream(prompt, **options)
+        for attempt in range(reattach + 1):
+            try:
+                return _gather(events, result)
+            except grpc.RpcError as e:
+                if not result.session_id or e.code() not in REATTACH_CODES or attempt == reattach:
+                    raise
+            time.sleep(0.25 * 2**attempt)
+            events = self._resume_stream(result.session_id, len(result.token_ids))
+        raise AssertionError("unreachable")
+
+    def resume(self, session_id: str, received_tokens: int = 0) -> GenerationResult:
+        """Attach to a session by id: its answer from token `received_tokens` on, to its end."""
+        return _gather(self._resume_stream(session_id, received_tokens), GenerationResult())
+
+    def _resume_stream(self, session_id, received_tokens):
+        request = opb.ResumeRequest(session_id=session_id, received_tokens=received_tokens)
+        return self._stub.Resume(request, timeout=self.timeout)
 
     def complete(self, prompt, **options) -> opb.Session:
         return self._stub.Complete(opb.CompleteRequest(spec=make_spec(prompt, **options)), timeout=self.timeout).session
@@ -98,6 +110,27 @@ class RStitchClient:
 
     def cancel(self, session_id: str) -> int:
         return self._stub.Cancel(opb.CancelRequest(session_id=session_id), timeout=self.timeout).status
+
+
+def _gather(events, result: GenerationResult) -> GenerationResult:
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "started":
+            result.session_id = event.started.session_id
+            result.prompt_token_ids = list(event.started.prompt_token_ids)
+        elif kind == "delta":
+            span = event.delta.span
+            source = SOURCE_NAMES[span.source]
+            result.token_ids += span.token_ids
+            result.sources += [source] * len(span.token_ids)
+            result.entropies += span.entropies
+            result.pieces.append((source, event.delta.text))
+        else:
+            finished = event.finished
+            result.text = finished.text
+            result.finish_reason = opb.FinishReason.Name(finished.finish_reason).removeprefix("FINISH_REASON_").lower()
+            result.stats = stats_dict(finished.stats)
+    return result
 
 
 def stats_dict(stats: opb.Stats) -> dict:

@@ -13,9 +13,12 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import quote
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .security import ClientTLS, channel
 
 
 def free_port() -> int:
@@ -24,10 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(address: str, process: subprocess.Popen | None, timeout: float, log: Path | None = None) -> None:
+def wait_healthy(address: str, process: subprocess.Popen | None, timeout: float, log: Path | None = None,
+                 tls: ClientTLS | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    with channel(address, tls) as health_channel:
+        stub = health_pb2_grpc.HealthStub(health_channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
                 tail = log.read_text()[-2000:] if log and log.exists() else ""
@@ -42,23 +46,40 @@ def wait_healthy(address: str, process: subprocess.Popen | None, timeout: float,
 
 
 class Redis:
-    """A private redis-server on a free loopback port, keeping nothing on disk unless asked (AOF)."""
+    """A private redis-server on a free loopback port, keeping nothing on disk unless asked (AOF).
 
-    def __init__(self, binary: str = "redis-server", appendonly: bool = False):
+    password: require it (requirepass). tls: (cert, key, ca) PEM files: serve TLS only, on the same port;
+    clients that present a certificate must have it signed by ca. `url` reaches the server either way.
+    """
+
+    def __init__(self, binary: str = "redis-server", appendonly: bool = False, password: str | None = None,
+                 tls: tuple[str, str, str] | None = None):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="rstitch-redis-")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir,
+        args = [binary, "--bind", "127.0.0.1", "--save", "", "--dir", self.dir,
                 "--appendonly", "yes" if appendonly else "no"]
         if appendonly:
             args += ["--appendfsync", "always"]
+        auth = f":{quote(password, safe='')}@" if password else ""
+        if password:
+            args += ["--requirepass", password]
+        if tls:
+            cert, key, ca = tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", ca, "--tls-auth-clients", "optional"]
+            self.url = f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(ca)}"
+        else:
+            args += ["--port", str(self.port)]
+            self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    if tls:  # listening is enough; speaking TLS here would need a client of its own
+                        return
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.02)
@@ -72,11 +93,14 @@ class Redis:
 
 
 class Service:
-    def __init__(self, name: str, args: list[str], port: int, log_dir: Path, env=None):
+    """One service process; tls: how its health check reaches it when its args turn TLS on."""
+
+    def __init__(self, name: str, args: list[str], port: int, log_dir: Path, env=None, tls: ClientTLS | None = None):
         self.name, self.port, self.address = name, port, f"127.0.0.1:{port}"
         self.log = log_dir / f"{name}.log"
         self.args = [sys.executable, "-m", name.split("#")[0], *args, "--port", str(port)]
         self.env = env
+        self.tls = tls
         self.process = None
         self.start()
 
@@ -85,7 +109,7 @@ class Service:
             self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
     def wait(self, timeout: float = 180):
-        wait_healthy(self.address, self.process, timeout, self.log)
+        wait_healthy(self.address, self.process, timeout, self.log, self.tls)
 
     def stop(self, sig_kill: bool = False):
         if self.process and self.process.poll() is None:
@@ -98,10 +122,16 @@ class Service:
 
 
 class LocalDeployment:
-    """SLM engine, LLM engine, orchestrator (and Redis, if given a URL or a redis-server binary)."""
+    """SLM engine, LLM engine, orchestrator (and Redis, if given a URL or a redis-server binary).
 
-    def __init__(self, redis: str | None = "auto", slm_args=(), llm_args=(), orchestrator_args=(), log_dir=None):
+    Security options go in the services' args (--tls-cert, --engine-tls-ca, --auth-token-file, ...);
+    tls is then what the health checks use to reach every service.
+    """
+
+    def __init__(self, redis: str | None = "auto", slm_args=(), llm_args=(), orchestrator_args=(), log_dir=None,
+                 tls: ClientTLS | None = None):
         self._stack = ExitStack()
+        self.tls = tls
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rstitch-logs-"))
         self.redis_url = self._redis(redis)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -133,7 +163,7 @@ class LocalDeployment:
         return server.url
 
     def _service(self, name, args, env):
-        service = Service(name, args, free_port(), self.log_dir, env)
+        service = Service(name, args, free_port(), self.log_dir, env, self.tls)
         self._stack.callback(service.stop)
         return service
 

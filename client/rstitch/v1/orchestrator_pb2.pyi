@@ -227,6 +227,14 @@ class CompleteResponse(_message.Message):
     session: Session
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
+class ResumeRequest(_message.Message):
+    __slots__ = ("session_id", "received_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    received_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., received_tokens: _Optional[int] = ...) -> None: ...
+
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,11 @@ class OrchestratorStub:
                 request_serializer=rstitch_dot_v1_dot_orchestrator__pb2.CompleteRequest.SerializeToString,
                 response_deserializer=rstitch_dot_v1_dot_orchestrator__pb2.CompleteResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/rstitch.v1.Orchestrator/Resume',
+                request_serializer=rstitch_dot_v1_dot_orchestrator__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=rstitch_dot_v1_dot_orchestrator__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/rstitch.v1.Orchestrator/GetSession',
                 request_serializer=rstitch_dot_v1_dot_orchestrator__pb2.GetSessionRequest.SerializeToString,
@@ -68,6 +73,16 @@ class OrchestratorServicer:
 
     def Complete(self, request, context):
         """The same generation, answered once at the end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Attaches to a session by id, on any replica: streams what a client that has received
+        `received_tokens` answer tokens has not seen, then the rest of the generation. A session that
+        another replica drives is followed until it ends or that replica's lease lapses (it died); then
+        this replica takes it over and continues it from the log. A failed session is continued too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +113,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.Complete,
                     request_deserializer=rstitch_dot_v1_dot_orchestrator__pb2.CompleteRequest.FromString,
                     response_serializer=rstitch_dot_v1_dot_orchestrator__pb2.CompleteResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=rstitch_dot_v1_dot_orchestrator__pb2.ResumeRequest.FromString,
+                    response_serializer=rstitch_dot_v1_dot_orchestrator__pb2.GenerateResponse.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
@@ -164,6 +184,33 @@ class Orchestrator:
             '/rstitch.v1.Orchestrator/Complete',
             rstitch_dot_v1_dot_orchestrator__pb2.CompleteRequest.SerializeToString,
             rstitch_dot_v1_dot_orchestrator__pb2.CompleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rstitch.v1.Orchestrator/Resume',
+            rstitch_dot_v1_dot_orchestrator__pb2.ResumeRequest.SerializeToString,
+            rstitch_dot_v1_dot_orchestrator__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,196 @@
+"""Fault injection on real processes: engines, orchestrator replicas and Redis are killed (or paused)
+mid-session, and the session's final answer must equal the undisturbed one."""
+
+import os
+import signal
+import subprocess
+import time
+from itertools import islice
+
+import grpc
+import pytest
+
+from rstitch import RStitchClient
+from rstitch.client import GenerationResult, _gather
+from rstitch.local import LocalDeployment, Redis, Service, free_port
+from rstitch.v1 import orchestrator_pb2 as opb
+
+PROMPT = "x"  # the tiny pair writes 185 (random) and 300 (entropy) tokens for it before EOS
+# Many short spans (a few ms each), so that a fault injected after the first one lands mid-session.
+RANDOM = dict(policy="random", slm_probability=0.5, seed=7, max_new_tokens=300)
+ENTROPY = dict(policy="entropy", tau=0.3, max_new_tokens=300)
+REPLICA_ARGS = ["--lease", "1", "--engine-retry", "60", "--redis-retry", "30"]
+
+
+@pytest.fixture(scope="module")
+def aof_redis():
+    server = Redis(appendonly=True)  # appendfsync always: what Redis acknowledged is on disk
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(aof_redis, model_paths, tmp_path_factory):
+    """Two engines, two orchestrator replicas on the same Redis; yields (deployment, second replica)."""
+    with LocalDeployment(redis=aof_redis.url, slm_args=["--model", str(model_paths["slm"])],
+                         llm_args=["--model", str(model_paths["llm"])], orchestrator_args=REPLICA_ARGS,
+                         log_dir=tmp_path_factory.mktemp("logs")) as deployment:
+        second = Service("orchestrator#2", ["--slm", deployment.slm.address, "--llm", deployment.llm.address,
+                                            "--redis", aof_redis.url, *REPLICA_ARGS], free_port(),
+                         deployment.log_dir, dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            second.wait()
+            yield deployment, second
+        finally:
+            second.stop()
+
+
+def started(client: RStitchClient, options: dict, until_source: str | None = None):
+    """A stream that has delivered its Started event and first span (by `until_source`, if given),
+    and what it delivered."""
+    stream = client.stream(PROMPT, **options)
+    got = _gather(islice(stream, 2), GenerationResult())
+    while until_source and until_source not in got.sources:
+        _gather(islice(stream, 1), got)
+    return stream, got
+
+
+def restart(service: Service) -> None:
+    service.stop(sig_kill=True)
+    service.start()
+
+
+def assert_same_answer(got: GenerationResult, want: GenerationResult):
+    assert got.token_ids == want.token_ids
+    assert got.sources == want.sources
+    assert got.finish_reason == want.finish_reason
+
+
+@pytest.mark.parametrize("victim", ["slm", "llm"])
+def test_engine_killed_and_restarted_mid_session(cluster, victim):
+    deployment, _ = cluster
+    engine = getattr(deployment, victim)
+    with RStitchClient(deployment.address) as client:
+        want = client.generate(PROMPT, **ENTROPY)
+        stream, got = started(client, ENTROPY, until_source=victim)  # the engine holds the session
+        restart(engine)  # the orchestrator sees UNAVAILABLE, backs off, then NOT_FOUND: re-prefill
+        _gather(stream, got)
+    engine.wait()
+    assert_same_answer(got, want)
+    # The restarted engine was sent the whole sequence again, not just the tokens it had not seen.
+    assert got.stats[f"{victim}_prefill_tokens"] > want.stats[f"{victim}_prefill_tokens"]
+
+
+def test_orchestrator_killed_client_resumes_on_another_replica(cluster):
+    deployment, second = cluster
+    with RStitchClient(deployment.address) as first, RStitchClient(second.address) as other:
+        want = first.generate(PROMPT, **RANDOM)
+        stream, got = started(first, RANDOM)
+        deployment.orchestrator.stop(sig_kill=True)
+        with pytest.raises(grpc.RpcError) as broken:
+            _gather(stream, got)  # whatever still arrives before the stream breaks
+        assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+        received = len(got.token_ids)
+        assert 0 < received < len(want.token_ids)
+        rest = other.resume(got.session_id, received)  # follows until the dead replica's lease lapses
+        stored = other.session(got.session_id)
+    deployment.orchestrator.start()
+    deployment.orchestrator.wait()
+    assert got.token_ids + rest.token_ids == want.token_ids  # nothing twice, nothing missing
+    assert got.sources + rest.sources == want.sources
+    assert [t for span in stored.spans for t in span.token_ids] == want.token_ids
+    assert stored.status == opb.STATUS_FINISHED
+
+
+class KilledAfterFirstSpan(RStitchClient):
+    """A client whose replica is killed once the first span of its stream arrived."""
+
+    def __init__(self, address, victim: Service):
+        super().__init__(address)
+        self.victim = victim
+
+    def stream(self, prompt, **options):
+        events = super().stream(prompt, **options)
+        yield from islice(events, 2)
+        self.killed = self.victim.process
+        self.victim.stop(sig_kill=True)
+        yield from events
+
+
+def test_client_fails_over_by_itself(cluster):
+    """One client address that reaches both replicas: generate() re-attaches with Resume on its own."""
+    deployment, second = cluster
+    with RStitchClient(deployment.address) as client:
+        want = client.generate(PROMPT, **RANDOM)
+    # pick_first: the second replica serves until it dies, then the channel moves to the first.
+    with KilledAfterFirstSpan(f"ipv4:{second.address},{deployment.orchestrator.address}", second) as client:
+        got = client.generate(PROMPT, **RANDOM)
+    second.start()
+    second.wait()
+    assert client.killed.returncode == -signal.SIGKILL  # mid-stream
+    assert_same_answer(got, want)
+
+
+def test_a_paused_replica_cannot_write_after_another_took_over(cluster):
+    deployment, second = cluster
+    paused = deployment.orchestrator.process
+    with RStitchClient(deployment.address) as first, RStitchClient(second.address) as other:
+        want = first.generate(PROMPT, **RANDOM)
+        stream, got = started(first, RANDOM)
+        os.kill(paused.pid, signal.SIGSTOP)  # alive but silent: its lease lapses, another replica takes over
+        try:
+            rest = other.resume(got.session_id, len(got.token_ids))
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        with pytest.raises(grpc.RpcError) as fenced:
+            _gather(stream, got)  # the woken replica's next write is refused
+        assert fenced.value.code() == grpc.StatusCode.ABORTED and "Resume" in fenced.value.details()
+        stored = other.session(got.session_id)
+    assert [t for span in stored.spans for t in span.token_ids] == want.token_ids
+    assert stored.status == opb.STATUS_FINISHED
+    assert stored.stats.slm_tokens + stored.stats.llm_tokens == len(want.token_ids)
+    assert len(rest.token_ids) > 0
+
+
+def test_redis_killed_and_restarted_mid_session_loses_nothing(cluster, aof_redis):
+    deployment, _ = cluster
+    with RStitchClient(deployment.address) as client:
+        before = client.complete(PROMPT, **dict(RANDOM, max_new_tokens=20))
+        want = client.generate(PROMPT, **RANDOM)
+        stream, got = started(client, RANDOM)
+        aof_redis.process.kill()
+        aof_redis.process.wait()
+        time.sleep(0.5)  # the orchestrator's writes fail meanwhile and are retried
+        aof_redis.process = subprocess.Popen(aof_redis.process.args, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL)
+        _gather(stream, got)
+        assert client.session(before.session_id) == before  # acknowledged before the crash: still there
+        stored = client.session(got.session_id)
+    assert_same_answer(got, want)
+    assert [t for span in stored.spans for t in span.token_ids] == want.token_ids
+
+
+def test_while_redis_is_down_requests_fail_with_unavailable(cluster, aof_redis):
+    deployment, _ = cluster
+    with RStitchClient(deployment.address, timeout=30) as client:
+        session_id = client.generate(PROMPT, max_new_tokens=5).session_id
+        aof_redis.process.kill()
+        aof_redis.process.wait()
+        try:
+            for call in (lambda: client.session(session_id), lambda: client.generate(PROMPT, max_new_tokens=5)):
+                with pytest.raises(grpc.RpcError) as down:
+                    call()
+                assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "Redis" in down.value.details() and "unreachable" in down.value.details()
+        finally:
+            aof_redis.process = subprocess.Popen(aof_redis.process.args, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL)
+        assert deployment.orchestrator.process.poll() is None
+        deadline = time.monotonic() + 10
+        while True:  # back as soon as Redis is
+            try:
+                assert client.session(session_id).status == opb.STATUS_FINISHED
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
