@@ -16,6 +16,7 @@ Writes OUT.md (tables, command, machine) and OUT.png (latency split into engine 
 
 import argparse
 import datetime
+import itertools
 import math
 import os
 import platform
@@ -135,8 +136,9 @@ def bench_pair(name, paths, args, rows, costs):
         grpc_engine = GrpcEngineClient(dep.slm.address)
         store = RedisSessionStore(dep.redis_url)
         record, synced, stats = opb.SpanRecord(source=SLM, token_ids=[5]), {SLM: 1, LLM: 1}, opb.Stats()
+        lease, index = store.create(opb.Session(session_id="bench-rtt"), "bench", SLM), itertools.count()
         costs[name] = dict(grpc=rtt_ms(lambda: grpc_engine.info(timeout=5)),
-                           redis=rtt_ms(lambda: store.append("bench-rtt", record, synced, stats)))
+                           redis=rtt_ms(lambda: store.append(lease, next(index), record, synced, stats, SLM)))
         for c in (grpc_engine, *orchestrators["gRPC engines"].engines.values()):
             c.close()
 
