@@ -139,8 +139,9 @@ def bench_pair(name, paths, args, rows, costs):
         lease, index = store.create(opb.Session(session_id="bench-rtt"), "bench", SLM), itertools.count()
         costs[name] = dict(grpc=rtt_ms(lambda: grpc_engine.info(timeout=5)),
                            redis=rtt_ms(lambda: store.append(lease, next(index), record, synced, stats, SLM)))
-        for c in (grpc_engine, *orchestrators["gRPC engines"].engines.values()):
-            c.close()
+        grpc_engine.close()
+        for pool in orchestrators["gRPC engines"].pools.values():
+            pool.close()
 
     for pol, tau in POLICIES:
         per_prompt = [results[(pol, p)] for p in PROMPTS]

@@ -11,6 +11,7 @@ from rstitch.v1 import orchestrator_pb2_grpc
 
 from .auth import add_auth_args, interceptors_from_args
 from .engine_client import GrpcEngineClient
+from .replicas import EnginePool
 from .service import Orchestrator, Settings
 from .servicer import SERVICE_NAME, OrchestratorServicer
 from .store import MemorySessionStore, RedisSessionStore, StoreUnavailable
@@ -18,8 +19,9 @@ from .store import MemorySessionStore, RedisSessionStore, StoreUnavailable
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m orchestrator", description="Serve the R-Stitch orchestrator over gRPC.")
-    p.add_argument("--slm", default="127.0.0.1:50051", help="SLM engine address")
-    p.add_argument("--llm", default="127.0.0.1:50052", help="LLM engine address")
+    p.add_argument("--slm", default="127.0.0.1:50051",
+                   help="SLM engine address; several replicas: comma-separated, or a name resolving to several IPs")
+    p.add_argument("--llm", default="127.0.0.1:50052", help="LLM engine address(es), as --slm")
     p.add_argument("--redis", help="redis://[:password@]host:port/db (or rediss://); default: an in-process store")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=50050, help="0 picks a free port")
@@ -64,10 +66,12 @@ def main(argv=None) -> None:
     else:
         store = MemorySessionStore(ttl_s=args.session_ttl, lease_s=args.lease)
         logging.warning("no --redis given: sessions live in this process only and are lost when it stops")
-    slm, llm = GrpcEngineClient(args.slm, args.engine_tls), GrpcEngineClient(args.llm, args.engine_tls)
+    connect = lambda address: GrpcEngineClient(address, args.engine_tls)  # noqa: E731
+    slm, llm = (EnginePool(addresses.split(","), connect) for addresses in (args.slm, args.llm))
     try:
-        for engine in (slm, llm):
-            engine.wait_ready(args.engine_wait)
+        for pool in (slm, llm):
+            for engine in pool.clients.values():
+                engine.wait_ready(args.engine_wait)
         settings = Settings(tau=args.tau, max_new_tokens=args.max_new_tokens,
                             max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                             max_sessions=args.max_sessions, max_queue=args.max_queue,

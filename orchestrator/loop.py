@@ -28,6 +28,7 @@ class Progress:
     entropies: list[float] = field(default_factory=list)
     synced: dict[int, int] = field(default_factory=lambda: {SLM: 0, LLM: 0})
     role: int = SLM  # the model that writes next
+    replicas: dict[int, str] = field(default_factory=dict)  # the engine replica of each role
     logged: int = 0  # spans in the session's log
     stats: opb.Stats = field(default_factory=opb.Stats)
     finish_reason: int = opb.FINISH_REASON_UNSPECIFIED

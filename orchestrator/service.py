@@ -20,7 +20,8 @@ from engine.admission import Admission, Overloaded, QueueTimeout
 
 from .leases import LeaseKeeper
 from .loop import Budget, CallerGone, OutOfTime, Progress, settled, stitch
-from .policies import LLM, SLM, make_policy
+from .policies import LLM, ROLE_NAMES, SLM, make_policy
+from .replicas import EnginePool, PinnedEngine
 from .speculative import speculate
 from .store import Fenced, Journal, Lease, LeaseHeld, NotResumable, SessionStore, StoreUnavailable
 from .text import IncrementalText, encode_prompt, load_tokenizer
@@ -54,27 +55,29 @@ class Settings:
 
 class Orchestrator:
     def __init__(self, slm, llm, store: SessionStore, settings: Settings = Settings()):
-        self.engines = {SLM: slm, LLM: llm}
+        self.pools = {SLM: EnginePool.of(slm), LLM: EnginePool.of(llm)}
         self.store = store
         self.settings = settings
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.admission = Admission(settings.max_sessions, settings.max_queue, f"orchestrator {self.replica}")
         self.leases = LeaseKeeper(store)
-        slm_info, llm_info = slm.info(), llm.info()
-        if slm_info.tokenizer_fingerprint != llm_info.tokenizer_fingerprint:
-            raise ValueError(
-                f"the engines do not share a tokenizer: SLM {slm_info.model_id} at {slm.address} has fingerprint "
-                f"{slm_info.tokenizer_fingerprint[:12]}, LLM {llm_info.model_id} at {llm.address} has "
-                f"{llm_info.tokenizer_fingerprint[:12]}; R-Stitch needs both models to use one tokenizer"
-            )
+        infos = {(role, address): client.info() for role, pool in self.pools.items()
+                 for address, client in pool.clients.items()}
+        if len({info.tokenizer_fingerprint for info in infos.values()}) > 1:
+            engines = ", ".join(f"{ROLE_NAMES[role].upper()} {info.model_id} at {address} has fingerprint "
+                                f"{info.tokenizer_fingerprint[:12]}" for (role, address), info in infos.items())
+            raise ValueError(f"the engines do not share a tokenizer: {engines}; R-Stitch needs both models "
+                             "(and every replica) to use one tokenizer")
+        slm_info, llm_info = (next(info for (r, _), info in infos.items() if r == role) for role in (SLM, LLM))
         self.infos = {SLM: slm_info, LLM: llm_info}
         self.vocab_size = slm_info.vocab_size
         self.max_context = min(slm_info.max_context, llm_info.max_context)
         self.eos_token_ids = sorted(set(slm_info.eos_token_ids) | set(llm_info.eos_token_ids))
-        self.tokenizer = load_tokenizer(slm.tokenizer_files().files)
+        self.tokenizer = load_tokenizer(self.pools[SLM].any().tokenizer_files().files)
         self._longest_token = max(map(len, self.tokenizer.get_vocab()))
-        log.info("replica %s paired SLM %s with LLM %s (tokenizer %s, context %d); sessions in %s", self.replica,
-                 slm_info.model_id, llm_info.model_id, slm_info.tokenizer_fingerprint[:12], self.max_context,
+        log.info("replica %s paired SLM %s (%s) with LLM %s (%s); tokenizer %s, context %d; sessions in %s",
+                 self.replica, slm_info.model_id, ", ".join(self.pools[SLM].clients), llm_info.model_id,
+                 ", ".join(self.pools[LLM].clients), slm_info.tokenizer_fingerprint[:12], self.max_context,
                  store.describe())
 
     # --- requests -----------------------------------------------------------------------------
@@ -154,6 +157,7 @@ class Orchestrator:
         the end, under `lease`."""
         journal = Journal(self.store, lease)
         self.leases.hold(lease)
+        engines = self._pin(progress)
         status, error = opb.STATUS_FINISHED, ""
         try:
             yield from opening
@@ -161,9 +165,9 @@ class Orchestrator:
             if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
                 records = ()  # the previous owner wrote the last token, not the end
             elif header.spec.policy == opb.POLICY_SPEC:
-                records = speculate(progress, self.engines, journal, header.draft_tokens, budget)
+                records = speculate(progress, engines, journal, header.draft_tokens, budget)
             else:
-                records = stitch(progress, make_policy(header), self.engines, journal, budget)
+                records = stitch(progress, make_policy(header), engines, journal, budget)
             for record in records:
                 if record.token_ids:
                     yield opb.GenerateResponse(delta=opb.Delta(span=record, text=text.push(record.token_ids)))
@@ -197,7 +201,9 @@ class Orchestrator:
             self.leases.drop(lease)
             progress.stats.latency_ms = (time.perf_counter() - started) * 1e3
             if status is not None:
-                self._finish(progress, journal, status, error)
+                self._finish(progress, engines, journal, status, error)
+            for role, engine in engines.items():
+                self.pools[role].count(engine.address, -1)
         yield opb.GenerateResponse(finished=opb.Finished(finish_reason=progress.finish_reason,
                                                          stats=progress.stats, text=text.text))
 
@@ -206,6 +212,7 @@ class Orchestrator:
         cursor = self._store(lambda: self.store.cursor(session.session_id))
         progress = Progress(session.session_id, list(session.prompt_token_ids), session.max_new_tokens,
                             self._stop_ids(session), synced=cursor["synced"], role=cursor["next_role"],
+                            replicas=cursor["replicas"],
                             logged=len(session.spans), stats=session.stats)
         for span in session.spans:
             progress.tokens += span.token_ids
@@ -302,8 +309,16 @@ class Orchestrator:
                           "including the answer")
         return prompt
 
-    def _finish(self, progress: Progress, journal: Journal, status: int, error: str) -> None:
-        for engine in self.engines.values():
+    def _pin(self, progress: Progress) -> dict:
+        """The session's engines: the replicas that hold its caches, or the least busy ones for a new one."""
+        engines = {}
+        for role, pool in self.pools.items():
+            pool.count(progress.replicas.setdefault(role, pool.pick()), +1)
+            engines[role] = PinnedEngine(pool, progress, role)
+        return engines
+
+    def _finish(self, progress: Progress, engines: dict, journal: Journal, status: int, error: str) -> None:
+        for engine in engines.values():
             try:
                 engine.release(epb.ReleaseRequest(session_id=progress.session_id), timeout=5)
             except EngineError as e:  # the cache is freed later by eviction; the result stands

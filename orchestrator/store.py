@@ -96,10 +96,13 @@ class SessionStore(ABC):
         return Lease(header.session_id, 1)
 
     def append(self, lease: Lease, index: int, record: opb.SpanRecord, synced: dict, stats: opb.Stats,
-               next_role: int) -> bool:
+               next_role: int, replicas: dict | None = None) -> bool:
         """Log span number `index` (one round trip). Returns whether a cancel was requested."""
         fields = {"stats": stats.SerializeToString(), "synced_slm": synced[SLM], "synced_llm": synced[LLM],
                   "next_role": next_role}
+        for role, name in ((SLM, "slm_replica"), (LLM, "llm_replica")):
+            if replicas and role in replicas:
+                fields[name] = replicas[role].encode()
         return self._write(lease, index, record.SerializeToString(), fields, hold=True)
 
     def finish(self, lease: Lease, status: int, reason: int, stats: opb.Stats, text: str, error: str = "") -> None:
@@ -127,14 +130,18 @@ class SessionStore(ABC):
         session.finish_reason = int(fields.get("finish_reason", 0))
         session.text = fields.get("text", b"").decode()
         session.error = fields.get("error", b"").decode()
+        session.slm_replica = fields.get("slm_replica", b"").decode()
+        session.llm_replica = fields.get("llm_replica", b"").decode()
         session.spans.extend(opb.SpanRecord.FromString(r) for r in log)
         return session
 
     def cursor(self, session_id: str) -> dict:
-        """Where the loop stands: each engine's synced length and the role that writes next."""
+        """Where the loop stands: each engine's synced length and replica, and the role that writes next."""
         fields, _ = self._load(session_id)
+        replicas = {role: fields[name].decode() for role, name in ((SLM, "slm_replica"), (LLM, "llm_replica"))
+                    if fields.get(name)}
         return {"synced": {SLM: int(fields["synced_slm"]), LLM: int(fields["synced_llm"])},
-                "next_role": int(fields["next_role"])}
+                "next_role": int(fields["next_role"]), "replicas": replicas}
 
     def describe(self) -> str:
         return type(self).__name__
@@ -363,6 +370,7 @@ class Journal:
     def log(self, progress, record: opb.SpanRecord) -> bool:
         """Append a span of `progress` (a loop.Progress) with where the loop stands; returns the cancel flag."""
         index = progress.logged if record.token_ids else -1  # empty spans change the cursor only
-        cancel = self.store.append(self.lease, index, record, progress.synced, progress.stats, progress.role)
+        cancel = self.store.append(self.lease, index, record, progress.synced, progress.stats, progress.role,
+                                   progress.replicas)
         progress.logged += index >= 0
         return cancel

@@ -186,7 +186,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "status", "spec", "prompt_token_ids", "spans", "stats", "finish_reason", "error", "text", "tau", "max_new_tokens", "slm_probability", "draft_tokens")
+    __slots__ = ("session_id", "status", "spec", "prompt_token_ids", "spans", "stats", "finish_reason", "error", "text", "tau", "max_new_tokens", "slm_probability", "draft_tokens", "slm_replica", "llm_replica")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,8 @@ class Session(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SLM_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SLM_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LLM_REPLICA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     status: Status
     spec: GenerationSpec
@@ -213,7 +215,9 @@ class Session(_message.Message):
     max_new_tokens: int
     slm_probability: float
     draft_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., spans: _Optional[_Iterable[_Union[SpanRecord, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., text: _Optional[str] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., slm_probability: _Optional[float] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
+    slm_replica: str
+    llm_replica: str
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., spans: _Optional[_Iterable[_Union[SpanRecord, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., text: _Optional[str] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., slm_probability: _Optional[float] = ..., draft_tokens: _Optional[int] = ..., slm_replica: _Optional[str] = ..., llm_replica: _Optional[str] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("spec",)
