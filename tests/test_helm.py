@@ -340,6 +340,16 @@ def test_probes_on_every_service(rendered, name):
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_service_serves_metrics_on_a_named_port(rendered, name):
+    for workload, c in rstitch_containers(rendered[name]):
+        port = int(arg(c, "--metrics-port"))
+        named = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert named["metrics" if c["name"] == "orchestrator" else f"metrics-{c['name']}"] == port
+        if c["name"] == "orchestrator":
+            assert workload["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
 def test_security_contexts(rendered, name):
     workloads = find(rendered[name], "Deployment") + find(rendered[name], "StatefulSet")
     for w in workloads:

