@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from rstitch.v1 import engine_pb2 as pb
 
-from . import checkpoints, telemetry
+from . import checkpoints, latency, telemetry
 from .backend import Engine
 from .entropy import greedy_with_entropy
 from .errors import CacheMismatch
@@ -76,6 +76,7 @@ class HFEngine(Engine):
                          kv_capacity_tokens=int(kv_budget_mb * 2**20 // self.kv_bytes_per_token),
                          max_sessions=max_sessions, max_calls=max_calls)
         self.hidden_size = config.hidden_size
+        self.latency_model = latency.stored_proto(model_path, self.backend, device, dtype)
         self.eos_token_ids = checkpoints.eos_token_ids(self.model, self.tokenizer)
         self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer)
         self._tokenizer_files = checkpoints.tokenizer_files(self.tokenizer)
@@ -177,7 +178,7 @@ class HFEngine(Engine):
             kv_capacity_tokens=self.sessions.capacity, kv_used_tokens=self.sessions.used,
             sessions=len(self.sessions), kv_evictions=self.sessions.evictions, eos_token_ids=self.eos_token_ids,
             backend=self.backend,
-            device=self.device, dtype=self.dtype, hidden_size=self.hidden_size,
+            device=self.device, dtype=self.dtype, hidden_size=self.hidden_size, latency_model=self.latency_model,
         )
 
     def tokenizer_files(self) -> pb.GetTokenizerResponse:

@@ -36,7 +36,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 from rstitch.v1 import engine_pb2 as pb  # noqa: E402
 
-from . import checkpoints  # noqa: E402
+from . import checkpoints, latency  # noqa: E402
 from .backend import Engine  # noqa: E402
 from .errors import CacheMismatch, EngineUnavailable  # noqa: E402
 from .hf import HFEngine, _kv_bytes_per_token  # noqa: E402
@@ -161,6 +161,7 @@ class VLLMEngine(Engine):
         self.device, self.dtype = device, dtype
         self.model_id = model_id or str(model_path)
         self.hidden_size = config.hidden_size
+        self.latency_model = latency.stored_proto(model_path, self.backend, device, dtype)
         try:
             generation = GenerationConfig.from_pretrained(str(model_path))
         except OSError:

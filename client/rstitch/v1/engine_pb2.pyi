@@ -152,7 +152,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_fingerprint", "max_context", "kv_capacity_tokens", "kv_used_tokens", "sessions", "eos_token_ids", "backend", "device", "dtype", "hidden_size", "kv_evictions")
+    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_fingerprint", "max_context", "kv_capacity_tokens", "kv_used_tokens", "sessions", "eos_token_ids", "backend", "device", "dtype", "hidden_size", "kv_evictions", "latency_model")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class InfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MODEL_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     role: str
     vocab_size: int
@@ -181,7 +182,24 @@ class InfoResponse(_message.Message):
     dtype: str
     hidden_size: int
     kv_evictions: int
-    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., kv_evictions: _Optional[int] = ...) -> None: ...
+    latency_model: LatencyModel
+    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., kv_evictions: _Optional[int] = ..., latency_model: _Optional[_Union[LatencyModel, _Mapping]] = ...) -> None: ...
+
+class LatencyModel(_message.Message):
+    __slots__ = ("a", "b", "c", "d", "r2", "measured_on")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    C_FIELD_NUMBER: _ClassVar[int]
+    D_FIELD_NUMBER: _ClassVar[int]
+    R2_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_ON_FIELD_NUMBER: _ClassVar[int]
+    a: float
+    b: float
+    c: float
+    d: float
+    r2: float
+    measured_on: str
+    def __init__(self, a: _Optional[float] = ..., b: _Optional[float] = ..., c: _Optional[float] = ..., d: _Optional[float] = ..., r2: _Optional[float] = ..., measured_on: _Optional[str] = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()

@@ -15,6 +15,7 @@ class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_SLM: _ClassVar[Policy]
     POLICY_RANDOM: _ClassVar[Policy]
     POLICY_SPEC: _ClassVar[Policy]
+    POLICY_ROUTER: _ClassVar[Policy]
 
 class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +45,7 @@ POLICY_LLM: Policy
 POLICY_SLM: Policy
 POLICY_RANDOM: Policy
 POLICY_SPEC: Policy
+POLICY_ROUTER: Policy
 SOURCE_UNSPECIFIED: Source
 SOURCE_SLM: Source
 SOURCE_LLM: Source
@@ -80,7 +82,7 @@ class TokenIds(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationSpec(_message.Message):
-    __slots__ = ("text", "messages", "token_ids", "raw", "policy", "tau", "max_new_tokens", "stop_token_ids", "slm_probability", "seed", "draft_tokens")
+    __slots__ = ("text", "messages", "token_ids", "raw", "policy", "tau", "max_new_tokens", "stop_token_ids", "slm_probability", "seed", "draft_tokens", "router")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,7 @@ class GenerationSpec(_message.Message):
     SLM_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
     text: str
     messages: Messages
     token_ids: TokenIds
@@ -103,7 +106,8 @@ class GenerationSpec(_message.Message):
     slm_probability: float
     seed: int
     draft_tokens: int
-    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., slm_probability: _Optional[float] = ..., seed: _Optional[int] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
+    router: bytes
+    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., slm_probability: _Optional[float] = ..., seed: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., router: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("spec",)
@@ -122,7 +126,7 @@ class SpanRecord(_message.Message):
     def __init__(self, source: _Optional[_Union[Source, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("slm_tokens", "llm_tokens", "switches", "spans", "slm_prefill_tokens", "llm_prefill_tokens", "gated_tokens", "latency_ms", "slm_forward_ms", "llm_forward_ms", "drafted_tokens", "accepted_tokens")
+    __slots__ = ("slm_tokens", "llm_tokens", "switches", "spans", "slm_prefill_tokens", "llm_prefill_tokens", "gated_tokens", "latency_ms", "slm_forward_ms", "llm_forward_ms", "drafted_tokens", "accepted_tokens", "router_kept_tokens")
     SLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SWITCHES_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +139,7 @@ class Stats(_message.Message):
     LLM_FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     slm_tokens: int
     llm_tokens: int
     switches: int
@@ -147,7 +152,8 @@ class Stats(_message.Message):
     llm_forward_ms: float
     drafted_tokens: int
     accepted_tokens: int
-    def __init__(self, slm_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., switches: _Optional[int] = ..., spans: _Optional[int] = ..., slm_prefill_tokens: _Optional[int] = ..., llm_prefill_tokens: _Optional[int] = ..., gated_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., slm_forward_ms: _Optional[float] = ..., llm_forward_ms: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
+    router_kept_tokens: int
+    def __init__(self, slm_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., switches: _Optional[int] = ..., spans: _Optional[int] = ..., slm_prefill_tokens: _Optional[int] = ..., llm_prefill_tokens: _Optional[int] = ..., gated_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., slm_forward_ms: _Optional[float] = ..., llm_forward_ms: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., router_kept_tokens: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("session_id", "prompt_token_ids")
