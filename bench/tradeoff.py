@@ -33,6 +33,18 @@ LOW_ENTROPY = 0.1
 WINDOW = 5  # tokens before (and including) the first harmful token, as in the paper's Figure 3c
 
 
+def routers():
+    """The committed R-Stitch+ routers (models/rstitch-router*.safetensors): the default one and the
+    others of its lambda sweep (docs/router.md)."""
+    from engine.default_models import trained_models_dir
+    from orchestrator.router import Router
+
+    for path in sorted(trained_models_dir().glob("rstitch-router*.safetensors")):
+        data = path.read_bytes()
+        about = Router.from_bytes(data).about
+        yield f"router lam={about['lambda']}", {"policy": "router", "tau": about["tau"], "router": data}
+
+
 def methods():
     yield "llm", {"policy": "llm"}
     yield "slm", {"policy": "slm"}
@@ -41,6 +53,7 @@ def methods():
         yield f"random p={p}", {"policy": "random", "slm_probability": p, "seed": 0}
     for tau in TAUS:
         yield f"entropy tau={tau}", {"policy": "entropy", "tau": tau}
+    yield from routers()
 
 
 def run_method(client, problems, options, max_new_tokens, progress):
@@ -165,10 +178,11 @@ def plot(rows, analysis, out):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for prefix, style in (("entropy", "o-"), ("random", "s--")):
+    labels = {"entropy": "R-Stitch (entropy, fixed tau)", "random": "random routing",
+              "router": "R-Stitch+ (router, lambda sweep)"}
+    for prefix, style in (("entropy", "o-"), ("random", "s--"), ("router", "^-")):
         pts = sorted((r["latency_ms"], r["accuracy"], r["method"]) for r in rows if r["method"].startswith(prefix))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label="R-Stitch (entropy)" if prefix == "entropy"
-                else "random routing")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=labels[prefix])
         for x, y, name in pts:
             ax.annotate(name.split(" ")[1], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     for r in rows:

@@ -84,6 +84,11 @@ def default_model_path(role: str) -> Path:
     return tiny_model_path(role)
 
 
+def default_router_path() -> Path:
+    """The R-Stitch+ router trained for the trained pair (`python -m training.dapo`)."""
+    return trained_models_dir() / "rstitch-router.safetensors"
+
+
 def tiny_model_path(role: str) -> Path:
     """The directory of the tiny `role` model, building it on first use (atomically)."""
     tag = hashlib.sha256(json.dumps([VERSION, INIT_RANGE, SHAPES[role], CHAT_TEMPLATE]).encode()).hexdigest()[:10]

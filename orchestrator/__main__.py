@@ -3,8 +3,10 @@
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from engine import telemetry
+from engine.default_models import default_router_path
 from engine.grpc_server import serve_until_signalled, start_server
 from rstitch.security import (add_client_tls_args, add_server_tls_args, client_tls_from_args,
                               server_credentials_from_args)
@@ -28,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=50050, help="0 picks a free port")
     p.add_argument("--tau", type=float, default=Settings.tau, help="default entropy threshold")
+    p.add_argument("--router", type=Path,
+                   help="router of the router policy when a request sends none (default: the committed trained "
+                        f"router, {default_router_path()}, when it fits the SLM)")
     p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens, help="default answer length")
     p.add_argument("--max-new-tokens-limit", type=int, default=Settings.max_new_tokens_limit,
                    help="largest max_new_tokens a request may ask for")
@@ -57,6 +62,17 @@ def parse_args(argv=None):
     return args
 
 
+def read_router(path: Path | None) -> bytes:
+    """The --router file's bytes; without one, the committed router if it is there."""
+    if path is None:
+        path = default_router_path()
+        return path.read_bytes() if path.exists() else b""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        sys.exit(f"orchestrator: cannot read --router {path}: {e.strerror}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
@@ -79,8 +95,10 @@ def main(argv=None) -> None:
         settings = Settings(tau=args.tau, max_new_tokens=args.max_new_tokens,
                             max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                             max_sessions=args.max_sessions, max_queue=args.max_queue,
-                            engine_retry_s=args.engine_retry)
+                            engine_retry_s=args.engine_retry, router=read_router(args.router))
         orchestrator = Orchestrator(slm, llm, store, settings)
+        if args.router and not orchestrator.router:
+            raise ValueError(f"--router {args.router} does not fit the SLM (see the warning above)")
     except (ConnectionError, ValueError) as e:
         sys.exit(f"orchestrator: {e}")
     server, port = start_server(

@@ -116,6 +116,9 @@ def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "
         rule.stop_token_ids.extend(progress.stop_token_ids)
         prefilled = progress.prefill_tokens(role)
         span = advance(engines[role], progress, role, rule, budget).span
+        if span.HasField("candidate") and policy.keeps(span, len(progress.tokens) + len(span.token_ids)):
+            span = with_candidate_kept(span, rule)
+            progress.stats.router_kept_tokens += 1
         answered = time.perf_counter()
         if switch is not None:
             progress.observer.switched(switch.landed(span, answered, progress.prefill_tokens(role) - prefilled))
@@ -133,6 +136,19 @@ def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "
             progress.finish_reason = opb.FINISH_REASON_CANCELLED
         if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
             return
+
+
+def with_candidate_kept(span: epb.Span, rule: epb.SpanRule) -> epb.Span:
+    """The span as if the gate had let its candidate through: the token is committed (the SLM's cache
+    gets it with the next call, like any last token) and the span ends as that token decides."""
+    kept = epb.Span()
+    kept.CopyFrom(span)
+    kept.ClearField("candidate")
+    kept.token_ids.append(span.candidate.token_id)
+    kept.entropies.append(span.candidate.entropy)
+    kept.stop_reason = epb.STOP_REASON_STOP_TOKEN if span.candidate.token_id in rule.stop_token_ids else \
+        epb.STOP_REASON_MAX_TOKENS if len(kept.token_ids) >= rule.max_tokens else epb.STOP_REASON_UNSPECIFIED
+    return kept
 
 
 class CallerGone(Exception):

@@ -2,6 +2,9 @@
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import numpy as np
 
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
@@ -25,6 +28,10 @@ class Policy(ABC):
         A policy's choices depend only on these arguments, so a session resumed from its log by
         another replica continues exactly as it would have."""
 
+    def keeps(self, span: epb.Span, position: int) -> bool:
+        """Whether the SLM's gated candidate (answer token `position`) is kept after all: R-Stitch+."""
+        return False
+
 
 class EntropyPolicy(Policy):
     """R-Stitch: the SLM drives; an SLM token with H > tau is discarded and the LLM writes that
@@ -43,6 +50,29 @@ class EntropyPolicy(Policy):
         if span.stop_reason == epb.STOP_REASON_GATE:
             return LLM if role == SLM else SLM
         return role
+
+
+# (hidden state, entropy, answer position) -> True when the LLM should write that token.
+Decide = Callable[[np.ndarray, float, int], bool]
+
+
+class RouterPolicy(EntropyPolicy):
+    """R-Stitch+ (Algorithm 1, lines 11-19): at an SLM token with H > tau a router reads the SLM's
+    hidden state there and either hands the position to the LLM, as R-Stitch would, or keeps the
+    SLM's token and lets the SLM go on. The LLM's side is R-Stitch's."""
+
+    def __init__(self, tau: float, decide: Decide):
+        super().__init__(tau)
+        self.decide = decide
+
+    def rule(self, role, position, remaining):
+        rule = super().rule(role, position, remaining)
+        rule.return_hidden = role == SLM
+        return rule
+
+    def keeps(self, span, position):
+        hidden = np.frombuffer(span.candidate.hidden, dtype="<f4")
+        return not self.decide(hidden, span.candidate.entropy, position)
 
 
 class SingleModelPolicy(Policy):
@@ -93,4 +123,7 @@ def make_policy(session: opb.Session) -> Policy:
         return SingleModelPolicy(SLM)
     if policy == opb.POLICY_RANDOM:
         return RandomPolicy(session.slm_probability, session.spec.seed)
+    if policy == opb.POLICY_ROUTER:
+        from .router import Router
+        return RouterPolicy(session.tau, Router.from_bytes(session.spec.router).switches)
     raise ValueError(f"unknown policy {policy}")

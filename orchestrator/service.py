@@ -22,6 +22,7 @@ from .leases import LeaseKeeper
 from .loop import Budget, CallerGone, OutOfTime, Progress, settled, stitch
 from .policies import LLM, ROLE_NAMES, SLM, make_policy
 from .replicas import EnginePool, PinnedEngine
+from .router import Router
 from .speculative import speculate
 from .store import Fenced, Journal, Lease, LeaseHeld, NotResumable, SessionStore, StoreUnavailable
 from .telemetry import GenerationTelemetry
@@ -52,6 +53,7 @@ class Settings:
     max_queue: int = 64  # generations waiting for one of those slots
     engine_timeout_s: float = 600  # a request without a deadline gets this one
     engine_retry_s: float = 30  # how long a call waits for a lost engine to come back
+    router: bytes = b""  # the router of POLICY_ROUTER requests that send none (a safetensors file's bytes)
 
 
 class Orchestrator:
@@ -76,6 +78,12 @@ class Orchestrator:
         self.eos_token_ids = sorted(set(slm_info.eos_token_ids) | set(llm_info.eos_token_ids))
         self.tokenizer = load_tokenizer(self.pools[SLM].any().tokenizer_files().files)
         self._longest_token = max(map(len, self.tokenizer.get_vocab()))
+        self.router = b""
+        if settings.router:
+            try:
+                self.router = self._checked_router(settings.router)
+            except RequestError as e:
+                log.warning("no default router: %s", e)
         log.info("replica %s paired SLM %s (%s) with LLM %s (%s); tokenizer %s, context %d; sessions in %s",
                  self.replica, slm_info.model_id, ", ".join(self.pools[SLM].clients), llm_info.model_id,
                  ", ".join(self.pools[LLM].clients), slm_info.tokenizer_fingerprint[:12], self.max_context,
@@ -271,9 +279,31 @@ class Orchestrator:
         resolved = opb.GenerationSpec()
         resolved.CopyFrom(spec)
         resolved.policy = policy
+        if policy == opb.POLICY_ROUTER:  # kept with the session, so that any replica resumes it alike
+            resolved.router = self._checked_router(spec.router or self.router)
         return opb.Session(session_id=uuid.uuid4().hex, status=opb.STATUS_RUNNING, spec=resolved,
                            prompt_token_ids=prompt, tau=tau, max_new_tokens=max_new, slm_probability=slm_probability,
                            draft_tokens=draft_tokens)
+
+    def _checked_router(self, data: bytes) -> bytes:
+        slm = self.infos[SLM]
+        if not data:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "the router policy needs a router: send one (GenerationSpec.router) or start the "
+                               "orchestrator with --router")
+        if slm.backend == "vllm":
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "the router policy reads the SLM's hidden states, which the vllm backend does not "
+                               "give; serve the SLM with --backend hf")
+        try:
+            router = Router.from_bytes(data)
+        except ValueError as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if router.hidden_size != slm.hidden_size:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the router reads hidden states of size {router.hidden_size}, but the SLM "
+                               f"{slm.model_id} has hidden size {slm.hidden_size}: it was trained for another SLM")
+        return data
 
     def _prompt(self, spec: opb.GenerationSpec) -> list[int]:
         """The prompt's token ids, refused when empty, too long or outside the vocabulary."""

@@ -20,6 +20,7 @@ from engine.grpc_server import start_server
 from engine.servicer import SERVICE_NAME as ENGINE_SERVICE
 from engine.servicer import EngineServicer
 from orchestrator.engine_client import GrpcEngineClient
+from orchestrator.router import Router
 from orchestrator.service import Orchestrator
 from orchestrator.servicer import SERVICE_NAME as ORCHESTRATOR_SERVICE
 from orchestrator.servicer import OrchestratorServicer
@@ -118,6 +119,14 @@ ORCHESTRATOR_CASES = [
          "messages is empty"),
     Case("empty-token-ids", "orchestrator", "Complete", spec(token_ids=opb.TokenIds()), Code.INVALID_ARGUMENT,
          "prompt is empty"),
+    Case("router-policy-without-a-router", "orchestrator", "Complete", spec(text="x", policy=opb.POLICY_ROUTER),
+         Code.FAILED_PRECONDITION, "the router policy needs a router"),
+    Case("router-not-a-router-file", "orchestrator", "Complete",
+         spec(text="x", policy=opb.POLICY_ROUTER, router=b"PK\x03\x04 a zip file"), Code.INVALID_ARGUMENT,
+         "the router is not a safetensors file"),
+    Case("router-for-another-slm", "orchestrator", "Complete",
+         spec(text="x", policy=opb.POLICY_ROUTER, router=Router.constant(128, switch=True).to_bytes()),
+         Code.INVALID_ARGUMENT, "the router reads hidden states of size 128, but the SLM"),
     Case("prompt-over-context", "orchestrator", "Complete", spec(token_ids=opb.TokenIds(token_ids=[5] * 600)),
          Code.INVALID_ARGUMENT, f"context holds {CONTEXT}"),
     # 4 M characters take ~10 s to tokenize: they are refused by their length before that.

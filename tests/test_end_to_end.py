@@ -51,6 +51,24 @@ def test_cli_policies_agree_at_the_extremes(deployment, prompt):
     assert set(llm["sources"]) == {"llm"} and set(at_one["sources"]) == {"slm"}
 
 
+def test_cli_router_policy_with_a_router_file(deployment, engines, tmp_path):
+    """`--policy router --router FILE` sends the file; an always-keep router writes the SLM's answer,
+    an always-switch one the entropy policy's (the deployment's own router was trained for another SLM)."""
+    from orchestrator.router import Router
+
+    paths = {}
+    for choice in ("keep", "switch"):
+        paths[choice] = tmp_path / f"{choice}.safetensors"
+        paths[choice].write_bytes(Router.constant(engines["slm"].info().hidden_size, switch=choice == "switch").to_bytes())
+    keep = generate_json(deployment, PROMPTS[1], "--policy", "router", "--tau", "0.3", "--router", str(paths["keep"]))
+    switch = generate_json(deployment, PROMPTS[1], "--policy", "router", "--tau", "0.3", "--router",
+                           str(paths["switch"]))
+    assert keep["token_ids"] == generate_json(deployment, PROMPTS[1], "--policy", "slm")["token_ids"]
+    assert keep["stats"]["router_kept_tokens"] > 0
+    entropy = generate_json(deployment, PROMPTS[1], "--policy", "entropy", "--tau", "0.3")
+    assert (switch["token_ids"], switch["sources"]) == (entropy["token_ids"], entropy["sources"])
+
+
 def test_cli_json_has_everything_a_script_needs(deployment):
     out = generate_json(deployment, PROMPTS[1], "--tau", "0.3")
     for key in ("session_id", "text", "prompt_token_ids", "token_ids", "sources", "entropies", "stats"):
@@ -93,6 +111,9 @@ def test_redis_log_equals_what_the_client_received(deployment):
     (["--raw", ""], "INVALID_ARGUMENT", "prompt is empty"),
     (["--policy", "random", "--slm-probability", "2", "hi"], "INVALID_ARGUMENT", "slm_probability must be in"),
     (["--policy", "spec", "--draft-tokens", "500", "hi"], "INVALID_ARGUMENT", "draft_tokens 500 is too many"),
+    (["--policy", "router", "hi"], "FAILED_PRECONDITION", "the router policy needs a router"),
+    (["--policy", "router", "--router", "/no/such/router.safetensors", "hi"], "", "cannot read --router"),
+    (["--policy", "router", "--router", "README.md", "hi"], "INVALID_ARGUMENT", "not a safetensors file"),
 ])
 def test_bad_requests_get_a_clear_status(deployment, args, code, message):
     proc = cli("generate", "--orchestrator", deployment.address, *args, check=False)

@@ -99,3 +99,17 @@ def test_sixteen_concurrent_sessions_equal_one_at_a_time(vllm_engines):
     assert [a[0] for a in together] == [a[0] for a in alone]
     for (_, h_together), (_, h_alone) in zip(together, alone):
         assert h_together == pytest.approx(h_alone, abs=1e-4)
+
+
+def test_the_router_policy_is_refused_without_hidden_states(orchestrator, vllm_engines):
+    """vLLM gives no hidden states: the router policy says so instead of routing blind."""
+    import grpc
+
+    from orchestrator.router import Router
+    from orchestrator.service import RequestError
+
+    router = Router.constant(vllm_engines["slm"].hidden_size, switch=True).to_bytes()
+    spec = opb.GenerationSpec(text=PROMPTS[0], policy=opb.POLICY_ROUTER, tau=0.02, router=router)
+    with pytest.raises(RequestError, match="hidden states, which the vllm backend does not give") as refused:
+        orchestrator.complete(spec)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION

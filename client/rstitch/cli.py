@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -30,10 +31,16 @@ def summary(result) -> str:
 
 def cmd_generate(args) -> int:
     prompt = [int(t) for t in args.prompt.split(",")] if args.token_ids else args.prompt
+    if args.router and args.policy != "router":
+        raise SystemExit("rstitch: --router is for --policy router")
+    try:
+        router = args.router.read_bytes() if args.router else b""
+    except OSError as e:
+        raise SystemExit(f"rstitch: cannot read --router {args.router}: {e.strerror}") from None
     with connect(args) as client:
         result = client.generate(prompt, policy=args.policy, tau=args.tau, max_new_tokens=args.max_new_tokens,
                                  raw=args.raw, slm_probability=args.slm_probability, seed=args.seed,
-                                 draft_tokens=args.draft_tokens)
+                                 draft_tokens=args.draft_tokens, router=router)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -92,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slm-probability", type=float, help="random policy: chance a token goes to the SLM (default 0.5)")
     g.add_argument("--seed", type=int, default=0, help="random policy: seed of the routing draws")
     g.add_argument("--draft-tokens", type=int, default=0, help="spec policy: tokens drafted per verification (0: 4)")
+    g.add_argument("--router", type=Path,
+                   help="router policy: a router file to use (default: the orchestrator's, the committed trained one)")
     g.add_argument("--max-new-tokens", type=int, default=0, help="0: the server's default")
     g.add_argument("--token-ids", action="store_true", help="PROMPT is comma-separated token ids")
     g.add_argument("--raw", action="store_true", help="tokenize the text without the chat template")

@@ -11,7 +11,7 @@ from .v1 import orchestrator_pb2 as opb
 from .v1 import orchestrator_pb2_grpc
 
 POLICIES = {"entropy": opb.POLICY_ENTROPY, "llm": opb.POLICY_LLM, "slm": opb.POLICY_SLM, "random": opb.POLICY_RANDOM,
-            "spec": opb.POLICY_SPEC}
+            "spec": opb.POLICY_SPEC, "router": opb.POLICY_ROUTER}
 # A broken stream worth attaching to again: the replica went away, or another one took the session over.
 REATTACH_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
 SOURCE_NAMES = {opb.SOURCE_SLM: "slm", opb.SOURCE_LLM: "llm"}
@@ -36,11 +36,12 @@ class GenerationResult:
 
 def make_spec(prompt: str | Sequence[int], *, policy: str = "entropy", tau: float | None = None,
               max_new_tokens: int = 0, raw: bool = False, slm_probability: float | None = None,
-              seed: int = 0, draft_tokens: int = 0) -> opb.GenerationSpec:
+              seed: int = 0, draft_tokens: int = 0, router: bytes = b"") -> opb.GenerationSpec:
+    """router: for policy "router", a router file's bytes (empty: the orchestrator's own router)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw, seed=seed,
-                              draft_tokens=draft_tokens)
+                              draft_tokens=draft_tokens, router=router)
     if isinstance(prompt, str):
         spec.text = prompt
     else:
