@@ -39,10 +39,13 @@ def routers():
     from engine.default_models import trained_models_dir
     from orchestrator.router import Router
 
+    seen = set()
     for path in sorted(trained_models_dir().glob("rstitch-router*.safetensors")):
         data = path.read_bytes()
-        about = Router.from_bytes(data).about
-        yield f"router lam={about['lambda']}", {"policy": "router", "tau": about["tau"], "router": data}
+        if data not in seen:  # the default router is a copy of one of the sweep's
+            seen.add(data)
+            about = Router.from_bytes(data).about
+            yield f"router lam={about['lambda']}", {"policy": "router", "tau": about["tau"], "router": data}
 
 
 def methods():

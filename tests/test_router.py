@@ -87,6 +87,15 @@ def test_a_router_file_of_another_format_is_refused():
         Router.from_bytes(data)
 
 
+def test_the_committed_router_reads_the_trained_slm():
+    import json
+
+    router = Router.from_bytes(default_router_path().read_bytes())
+    slm = json.loads((trained_models_dir() / "rstitch-slm" / "config.json").read_text())
+    assert router.hidden_size == slm["hidden_size"]
+    assert router.about["command"].startswith("python -m training.dapo")
+
+
 # --- the policy, wired through the orchestrator -------------------------------------------------
 
 def run(orchestrator, prompt, policy, tau, router=b""):
