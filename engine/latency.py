@@ -69,7 +69,7 @@ class LatencyModel:
     # --- stored with the model ----------------------------------------------------------------
 
     @classmethod
-    def load(cls, model_path, key: str = "hf-cpu-float32") -> "LatencyModel | None":
+    def load(cls, model_path, key: str) -> "LatencyModel | None":
         """The fit stored for `key` (see `key()`) beside the model, or None."""
         path = stored_path(model_path)
         if not path.exists():

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from engine.errors import CacheMismatch, EngineError, SessionNotFound
+from engine.span import judge
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
@@ -140,14 +141,18 @@ def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "
 
 def with_candidate_kept(span: epb.Span, rule: epb.SpanRule) -> epb.Span:
     """The span as if the gate had let its candidate through: the token is committed (the SLM's cache
-    gets it with the next call, like any last token) and the span ends as that token decides."""
+    gets it with the next call, like any last token) and the span ends as the engine's own rule,
+    without the gate, says of that token."""
     kept = epb.Span()
     kept.CopyFrom(span)
     kept.ClearField("candidate")
+    ungated = epb.SpanRule()
+    ungated.CopyFrom(rule)
+    ungated.gate = epb.GATE_UNSPECIFIED
+    _, reason = judge(ungated, len(span.token_ids), span.candidate.token_id, span.candidate.entropy)
     kept.token_ids.append(span.candidate.token_id)
     kept.entropies.append(span.candidate.entropy)
-    kept.stop_reason = epb.STOP_REASON_STOP_TOKEN if span.candidate.token_id in rule.stop_token_ids else \
-        epb.STOP_REASON_MAX_TOKENS if len(kept.token_ids) >= rule.max_tokens else epb.STOP_REASON_UNSPECIFIED
+    kept.stop_reason = reason or epb.STOP_REASON_UNSPECIFIED
     return kept
 
 

@@ -72,7 +72,7 @@ def test_the_trained_network_exports_to_the_same_router():
 @pytest.mark.parametrize("data, message", [
     (b"", "not a safetensors file"),
     (b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage", "not a safetensors file"),
-    (b"x" * (1 << 20 + 1), "at most"),
+    (b"x" * ((1 << 20) + 1), "at most"),
 ])
 def test_a_file_that_is_not_a_router_is_refused_clearly(data, message):
     with pytest.raises(ValueError, match=message):
@@ -157,6 +157,23 @@ def test_the_router_reads_the_slm_hidden_state_at_each_gated_token(engines, hidd
         else:
             assert progress.sources[position] == SLM and progress.entropies[position] == pytest.approx(entropy)
     assert len({h.tobytes() for h, _, _ in seen}) == len(seen)  # a fresh state at every token
+
+
+@pytest.mark.parametrize("candidate, max_tokens, reason", [
+    (7, 10, epb.STOP_REASON_UNSPECIFIED),  # the SLM goes on
+    (2, 10, epb.STOP_REASON_STOP_TOKEN),  # a kept EOS ends the answer
+    (7, 3, epb.STOP_REASON_MAX_TOKENS),  # the kept token fills the span
+])
+def test_a_kept_candidate_ends_the_span_as_the_engine_would(candidate, max_tokens, reason):
+    from orchestrator.loop import with_candidate_kept
+
+    rule = epb.SpanRule(gate=epb.GATE_STOP_ABOVE, tau=0.1, max_tokens=max_tokens, stop_token_ids=[2])
+    span = epb.Span(token_ids=[5, 6], entropies=[0.0, 0.05], stop_reason=epb.STOP_REASON_GATE,
+                    candidate=epb.Candidate(token_id=candidate, entropy=0.6, hidden=b"\0" * 8))
+    kept = with_candidate_kept(span, rule)
+    assert list(kept.token_ids) == [5, 6, candidate] and kept.entropies[-1] == pytest.approx(0.6)
+    assert not kept.HasField("candidate") and kept.stop_reason == reason
+    assert span.HasField("candidate")  # the engine's answer is left as it came
 
 
 # --- training -----------------------------------------------------------------------------------

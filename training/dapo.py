@@ -183,16 +183,21 @@ def parse_args(argv=None):
 
 
 def load_pair(fast: bool):
+    """The engines, and the latency model each reports in Info (--fast: the tiny pair, unprofiled,
+    with unit costs that keep the LLM 5x the SLM)."""
     from engine.default_models import tiny_model_path
 
     paths = {role: tiny_model_path(role) if fast else default_model_path(role) for role in ("slm", "llm")}
     engines = {role: HFEngine(path, role=role) for role, path in paths.items()}
     latencies = {}
-    for role, path in paths.items():
-        latency = None if fast else LatencyModel.load(path)
-        if latency is None and not fast:
-            sys.exit(f"no latency model for {path}: run `python -m engine.latency --model {path} --role {role} --write`")
-        latencies[role] = latency or LatencyModel(0.0, 0.0, 1.0 if role == "llm" else 0.2, 0.0)
+    for role, engine in engines.items():
+        if fast:
+            latencies[role] = LatencyModel(0.0, 0.0, 1.0 if role == "llm" else 0.2, 0.0)
+        elif engine.info().HasField("latency_model"):
+            latencies[role] = LatencyModel.from_proto(engine.info().latency_model)
+        else:
+            sys.exit(f"no latency model for {paths[role]}: run "
+                     f"`python -m engine.latency --model {paths[role]} --role {role} --write`")
     return engines, latencies
 
 

@@ -34,7 +34,6 @@ class Trajectory:
     correct: bool
     latency_ms: float  # estimated by the latency models
     decisions: list[Decision] = field(default_factory=list)
-    sources: list[int] = field(default_factory=list)
 
 
 class SampledRouter:
@@ -105,6 +104,5 @@ class Roller:
             for client in clients.values():
                 client.release(epb.ReleaseRequest(session_id=session_id))
         text = self.tokenizer.decode(progress.tokens, skip_special_tokens=True)
-        return Trajectory(problem, text, score(text, problem), sum(c.ms for c in clients.values()),
-                          sources=list(progress.sources))
+        return Trajectory(problem, text, score(text, problem), sum(c.ms for c in clients.values()))
 
