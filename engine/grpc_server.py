@@ -18,12 +18,45 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class _Unparsable:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class RefuseUnparsableRequests(grpc.ServerInterceptor):
+    """Bytes that do not parse as the method's request (corrupt protobuf, invalid UTF-8 in a string)
+    are the caller's mistake: INVALID_ARGUMENT, where grpc itself would log a traceback and answer
+    INTERNAL "Exception deserializing request!"."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler  # no method here (UNIMPLEMENTED), or not ours: none of our methods streams requests
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        parse, behaviour = handler.request_deserializer, getattr(handler, kind)
+
+        def tolerant_parse(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - whatever the parser raises, the bytes were bad
+                return _Unparsable(e)
+
+        def checked(request, context):
+            if isinstance(request, _Unparsable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request does not parse as {handler_call_details.method}'s request message: "
+                              f"{str(request.error)[:200]}")
+            return behaviour(request, context)
+
+        return handler._replace(request_deserializer=tolerant_parse, **{kind: checked})
+
+
 def start_server(add_servicers, service_names: list[str], host: str, port: int, max_workers: int = 16,
                  credentials: grpc.ServerCredentials | None = None, interceptors=()):
     """Serve on host:port (port 0 picks one), over TLS when given credentials; returns (server, bound port).
     Health says SERVING. Every call is timed (and traced, when tracing is on) before other interceptors."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS,
-                         interceptors=[ServerTelemetry(), *interceptors])
+                         interceptors=[ServerTelemetry(), RefuseUnparsableRequests(), *interceptors])
     add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

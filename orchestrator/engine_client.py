@@ -3,6 +3,10 @@
 Both raise engine.errors classes, so the stitching loop is the same code for either transport.
 """
 
+import logging
+import threading
+import time
+
 import grpc
 
 from engine.errors import CACHE_LEN_KEY, RETRYABLE_KEY, from_status
@@ -11,6 +15,8 @@ from engine.telemetry import traced_channel
 from rstitch.security import ClientTLS, channel
 from rstitch.v1 import engine_pb2 as pb
 from rstitch.v1 import engine_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 class LocalEngineClient:
@@ -53,6 +59,8 @@ class GrpcEngineClient:
         self.address = address
         self._channel = channel(address, tls, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
         self._stub = engine_pb2_grpc.EngineStub(traced_channel(self._channel))
+        self._down_since: float | None = None  # one log line when the engine goes away, one when it is back
+        self._health_lock = threading.Lock()
 
     def wait_ready(self, timeout: float) -> None:
         try:
@@ -69,12 +77,29 @@ class GrpcEngineClient:
 
     def _call(self, method, req, timeout):
         try:
-            return method(req, timeout=timeout)
+            response = method(req, timeout=timeout)
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self._went_down(e.details())
             trailing = dict(e.trailing_metadata() or ())
             cache_len = int(trailing[CACHE_LEN_KEY]) if CACHE_LEN_KEY in trailing else None
             retryable = RETRYABLE_KEY in trailing
             raise from_status(e.code(), f"{self.address}: {e.details()}", cache_len, retryable) from None
+        if self._down_since is not None:
+            self._came_back()
+        return response
+
+    def _went_down(self, why: str) -> None:
+        with self._health_lock:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("engine %s is unreachable: %s", self.address, why)
+
+    def _came_back(self) -> None:
+        with self._health_lock:
+            if self._down_since is not None:
+                log.info("engine %s answers again after %.1f s", self.address, time.monotonic() - self._down_since)
+                self._down_since = None
 
     def prefill(self, req, timeout=None):
         return self._call(self._stub.Prefill, req, timeout)

@@ -71,7 +71,9 @@ class Progress:
     session_id: str
     prompt: list[int]
     max_new_tokens: int
-    stop_token_ids: list[int]
+    stop_token_ids: list[int]  # the models' EOS ids and the request's own stop ids
+    eos_token_ids: list[int] = field(default_factory=list)  # those of the models (FINISH_REASON_EOS)
+    max_context: int = 2**31  # of the smaller model: the sequence never grows past it
     tokens: list[int] = field(default_factory=list)
     sources: list[int] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
@@ -86,6 +88,11 @@ class Progress:
     @property
     def sequence(self) -> list[int]:
         return self.prompt + self.tokens
+
+    @property
+    def room(self) -> int:
+        """Answer tokens that may still be written: the length asked for, within the context."""
+        return min(self.max_new_tokens - len(self.tokens), self.max_context - len(self.prompt) - len(self.tokens))
 
     def prefill_tokens(self, role: int) -> int:
         return self.stats.slm_prefill_tokens if role == SLM else self.stats.llm_prefill_tokens
@@ -111,7 +118,7 @@ def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "
     switch = None  # the switch decided by the last span, reported after the incoming model's first call
     while True:
         role = progress.role
-        remaining = progress.max_new_tokens - len(progress.tokens)
+        remaining = progress.room
         rule = policy.rule(role, len(progress.tokens), remaining)
         rule.max_tokens = min(rule.max_tokens or remaining, remaining)
         rule.stop_token_ids.extend(progress.stop_token_ids)
@@ -125,7 +132,7 @@ def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "
             progress.observer.switched(switch.landed(span, answered, progress.prefill_tokens(role) - prefilled))
             switch = None
         record = progress.commit(role, span)
-        progress.finish_reason = finish_reason(progress, span)
+        progress.finish_reason = finish_reason(progress, span.stop_reason == epb.STOP_REASON_CONTEXT_FULL)
         if progress.finish_reason == opb.FINISH_REASON_UNSPECIFIED:
             progress.role = policy.next(role, span, len(progress.tokens))
             if progress.role != role:
@@ -250,21 +257,14 @@ def roll_back(engine, progress: Progress, role: int, length: int, budget: Budget
     progress.synced[role] = min(held, length)
 
 
-def finish_reason(progress: Progress, span: epb.Span) -> int:
-    if span.stop_reason == epb.STOP_REASON_STOP_TOKEN:
-        return opb.FINISH_REASON_EOS
-    if span.stop_reason == epb.STOP_REASON_CONTEXT_FULL:
+def finish_reason(progress: Progress, context_full: bool = False) -> int:
+    """Why the answer ended with its last token (UNSPECIFIED: it goes on). Reads only the log and the
+    limits, so that a session whose replica died right after logging its end is settled alike."""
+    last = progress.tokens[-1] if progress.tokens else None
+    if last is not None and last in progress.stop_token_ids:
+        return opb.FINISH_REASON_EOS if last in progress.eos_token_ids else opb.FINISH_REASON_STOP
+    if len(progress.tokens) >= progress.max_new_tokens:
+        return opb.FINISH_REASON_MAX_NEW_TOKENS
+    if context_full or progress.room <= 0:
         return opb.FINISH_REASON_CONTEXT_FULL
-    if len(progress.tokens) >= progress.max_new_tokens:
-        return opb.FINISH_REASON_MAX_NEW_TOKENS
-    return opb.FINISH_REASON_UNSPECIFIED
-
-
-def settled(progress: Progress) -> int:
-    """The finish reason of a session whose log already holds its end (its replica died before
-    recording it), else UNSPECIFIED."""
-    if progress.tokens and progress.tokens[-1] in progress.stop_token_ids:
-        return opb.FINISH_REASON_EOS
-    if len(progress.tokens) >= progress.max_new_tokens:
-        return opb.FINISH_REASON_MAX_NEW_TOKENS
     return opb.FINISH_REASON_UNSPECIFIED

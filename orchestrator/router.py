@@ -13,10 +13,10 @@ safetensors file (no pickle), which `python -m training.dapo` writes.
 """
 
 import json
+import math
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors.numpy import save
 
 FORMAT = "rstitch-router/1"
 MAX_BYTES = 1 << 20
@@ -29,12 +29,14 @@ class Router:
         self.w1, self.b1, self.w2, self.b2 = (np.asarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
         self.position_scale = float(position_scale)
         self.about = about or {}  # how it was trained: tau, lambda, steps... (informational)
-        units, inputs = self.w1.shape
-        if inputs <= EXTRA_FEATURES or self.b1.shape != (units,) or self.w2.shape != (1, units) or self.b2.shape != (1,):
+        units, inputs = self.w1.shape if self.w1.ndim == 2 else (0, 0)
+        if units == 0 or inputs <= EXTRA_FEATURES or self.b1.shape != (units,) or self.w2.shape != (1, units) \
+                or self.b2.shape != (1,):
             raise ValueError(f"router weights have inconsistent shapes: w1 {self.w1.shape}, b1 {self.b1.shape}, "
-                             f"w2 {self.w2.shape}, b2 {self.b2.shape}")
-        if not self.position_scale > 0:
-            raise ValueError(f"router position_scale must be positive, got {position_scale}")
+                             f"w2 {self.w2.shape}, b2 {self.b2.shape}; expected (units, hidden + {EXTRA_FEATURES}), "
+                             "(units,), (1, units), (1,) with units >= 1")
+        if not (math.isfinite(self.position_scale) and self.position_scale > 0):
+            raise ValueError(f"router position_scale must be a positive finite number, got {position_scale}")
         if not all(np.isfinite(a).all() for a in (self.w1, self.b1, self.w2, self.b2)):
             raise ValueError("router weights hold NaN or infinite values")
 
@@ -71,10 +73,13 @@ class Router:
         if len(data) > MAX_BYTES:
             raise ValueError(f"the router file has {len(data)} bytes; at most {MAX_BYTES}")
         try:
-            tensors = load(data)
-            metadata = _metadata(data)
-        except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+            header, body = _header(data)
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"the router is not a safetensors file: {e}") from None
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("the router is not a safetensors file: __metadata__ is not a map")
+        tensors = {name: _tensor(name, entry, body) for name, entry in header.items()}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"the router file's format is {metadata.get('format')!r}, expected {FORMAT!r}")
         missing = {"w1", "b1", "w2", "b2"} - set(tensors)
@@ -83,7 +88,7 @@ class Router:
         try:
             scale = float(metadata.get("position_scale", ""))
             about = json.loads(metadata.get("about") or "{}")
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ValueError(f"the router file's metadata is unreadable: {e}") from None
         return cls(tensors["w1"], tensors["b1"], tensors["w2"], tensors["b2"], scale, about)
 
@@ -96,9 +101,37 @@ class Router:
                    {"constant": "switch" if switch else "keep"})
 
 
-def _metadata(data: bytes) -> dict:
-    """The safetensors header's __metadata__ (the numpy loader drops it)."""
+# safetensors' dtype names of the floating-point tensors a router may hold. NumPy has no bfloat16 (the
+# safetensors NumPy loader fails on it), so its bytes are widened to float32 here.
+FLOAT_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+def _header(data: bytes) -> tuple[dict, bytes]:
+    """The safetensors header (tensor name -> dtype, shape, offsets; and __metadata__) and the data."""
+    if len(data) < 8:
+        raise ValueError("shorter than a header")
     size = int.from_bytes(data[:8], "little")
     if size > len(data) - 8:
         raise ValueError("truncated header")
-    return json.loads(data[8:8 + size]).get("__metadata__") or {}
+    header = json.loads(data[8:8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a map")
+    return header, data[8 + size:]
+
+
+def _tensor(name: str, entry, body: bytes) -> np.ndarray:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"the router file's entry for tensor {name!r} is malformed: {e!r}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"router tensor {name!r} has dtype {dtype}; router weights are floating point "
+                         f"({', '.join(FLOAT_DTYPES)})")
+    count = math.prod(shape) if all(n >= 0 for n in shape) else -1
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(body)) \
+            or count < 0 or end - begin != count * FLOAT_DTYPES[dtype].itemsize:
+        raise ValueError(f"router tensor {name!r}: shape {shape} does not match its data offsets {begin}..{end}")
+    values = np.frombuffer(body[begin:end], dtype=FLOAT_DTYPES[dtype]).reshape(shape)
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        values = (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from jinja2 import TemplateError  # what a chat template raises on a conversation it refuses
 
+from engine.backend import MAX_SESSION_ID_CHARS
 from engine.errors import EngineError
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
@@ -19,7 +20,7 @@ from rstitch.v1 import orchestrator_pb2 as opb
 from engine.admission import Admission, Overloaded, QueueTimeout
 
 from .leases import LeaseKeeper
-from .loop import Budget, CallerGone, OutOfTime, Progress, settled, stitch
+from .loop import Budget, CallerGone, OutOfTime, Progress, finish_reason, stitch
 from .policies import LLM, ROLE_NAMES, SLM, make_policy
 from .replicas import EnginePool, PinnedEngine
 from .router import Router
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 PASSED_THROUGH = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
                   grpc.StatusCode.CANCELLED}
 FOLLOW_POLL_S = 0.1  # how often Resume re-reads the log of a session another replica drives
+# gRPC reports a call without a deadline as an effectively infinite time remaining, not as None.
+NO_DEADLINE_S = 10 * 365 * 24 * 3600
 
 
 class RequestError(Exception):
@@ -100,8 +103,7 @@ class Orchestrator:
         with self._admitted(budget):
             first = SLM if header.spec.policy == opb.POLICY_SPEC else make_policy(header).first
             lease = self._store(lambda: self.store.create(header, self.replica, first))
-            progress = Progress(header.session_id, list(header.prompt_token_ids), header.max_new_tokens,
-                                self._stop_ids(header), role=first)
+            progress = self._new_progress(header, role=first)
             opening = [opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
                                                                 prompt_token_ids=header.prompt_token_ids))]
             yield from self._drive(header, progress, lease, budget, IncrementalText(self.tokenizer), started, opening)
@@ -171,7 +173,7 @@ class Orchestrator:
         status, error = opb.STATUS_FINISHED, ""
         try:
             yield from opening
-            progress.finish_reason = settled(progress)
+            progress.finish_reason = finish_reason(progress)
             if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
                 records = ()  # the previous owner wrote the last token, not the end
             elif header.spec.policy == opb.POLICY_SPEC:
@@ -212,6 +214,7 @@ class Orchestrator:
             progress.stats.latency_ms = (time.perf_counter() - started) * 1e3
             if status is not None:
                 self._finish(progress, engines, journal, status, error)
+            _log_request(progress, header, status, error)
             for role, engine in engines.items():
                 self.pools[role].count(engine.address, -1)
         yield opb.GenerateResponse(finished=opb.Finished(finish_reason=progress.finish_reason,
@@ -220,21 +223,22 @@ class Orchestrator:
     def _progress(self, session: opb.Session) -> Progress:
         """The loop's state of a session, rebuilt from its log."""
         cursor = self._store(lambda: self.store.cursor(session.session_id))
-        progress = Progress(session.session_id, list(session.prompt_token_ids), session.max_new_tokens,
-                            self._stop_ids(session), synced=cursor["synced"], role=cursor["next_role"],
-                            replicas=cursor["replicas"],
-                            logged=len(session.spans), stats=session.stats)
+        progress = self._new_progress(session, synced=cursor["synced"], role=cursor["next_role"],
+                                      replicas=cursor["replicas"], logged=len(session.spans), stats=session.stats)
         for span in session.spans:
             progress.tokens += span.token_ids
             progress.sources += [span.source] * len(span.token_ids)
             progress.entropies += span.entropies
         return progress
 
-    def _stop_ids(self, header: opb.Session) -> list[int]:
-        return sorted(set(self.eos_token_ids) | set(header.spec.stop_token_ids))
+    def _new_progress(self, header: opb.Session, **state) -> Progress:
+        return Progress(header.session_id, list(header.prompt_token_ids), header.max_new_tokens,
+                        sorted(set(self.eos_token_ids) | set(header.spec.stop_token_ids)),
+                        eos_token_ids=self.eos_token_ids, max_context=self.max_context, **state)
 
     def _budget(self, timeout_s: float | None, caller_alive=None) -> Budget:
-        timeout_s = timeout_s if timeout_s is not None else self.settings.engine_timeout_s
+        if timeout_s is None or not timeout_s < NO_DEADLINE_S:
+            timeout_s = self.settings.engine_timeout_s
         return Budget(time.monotonic() + timeout_s, self.settings.engine_retry_s, caller_alive or (lambda: True))
 
     @contextmanager
@@ -363,8 +367,7 @@ class Orchestrator:
                       opb.Status.Name(status), e)
 
     def _existing(self, session_id: str, op):
-        if not session_id:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        validate_session_id(session_id)
         found = self._store(lambda: op(session_id))
         if found is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} (never created, or expired)")
@@ -376,6 +379,26 @@ class Orchestrator:
             return op()
         except StoreUnavailable as e:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+
+
+def _log_request(progress: Progress, header: opb.Session, status: int | None, error: str) -> None:
+    """One line per request that drove a session, whatever its end."""
+    s = progress.stats
+    ended = opb.Status.Name(status).removeprefix("STATUS_").lower() if status is not None else "taken over"
+    log.info("session %s %s: policy %s, %d SLM + %d LLM tokens, %d switches, finish %s, %.0f ms%s",
+             progress.session_id, ended, opb.Policy.Name(header.spec.policy).removeprefix("POLICY_").lower(),
+             s.slm_tokens, s.llm_tokens, s.switches,
+             opb.FinishReason.Name(progress.finish_reason).removeprefix("FINISH_REASON_").lower(), s.latency_ms,
+             f" ({error})" if error else "")
+
+
+def validate_session_id(session_id: str) -> None:
+    """Ids are 32 hex digits here; a long one is refused before it is echoed into an error's metadata."""
+    if not session_id:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"session_id has {len(session_id)} characters; ids are at most {MAX_SESSION_ID_CHARS}")
 
 
 def _answer(session: opb.Session) -> list[int]:

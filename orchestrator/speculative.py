@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
-from .loop import Budget, Progress, advance, roll_back
+from .loop import Budget, Progress, advance, finish_reason, roll_back
 from .policies import LLM, SLM
 
 
@@ -16,12 +16,12 @@ def speculate(progress: Progress, engines: dict, journal, draft_tokens: int, bud
     disagreement is kept, and both caches roll back to it. The output is the LLM's greedy output."""
     while True:
         start = len(progress.sequence)
-        remaining = progress.max_new_tokens - len(progress.tokens)
+        remaining = progress.room  # the LLM's verify prefill appends every drafted token
         rule = epb.SpanRule(max_tokens=min(draft_tokens, remaining), stop_token_ids=progress.stop_token_ids)
         draft = advance(engines[SLM], progress, SLM, rule, budget).span
         drafted = list(draft.token_ids)
-        if not drafted:  # the SLM could not draft: the context is full
-            progress.finish_reason = opb.FINISH_REASON_CONTEXT_FULL
+        if not drafted:  # the SLM could not draft: its context is full
+            progress.finish_reason = finish_reason(progress, context_full=True)
             return
         verified = advance(engines[LLM], progress, LLM, epb.SpanRule(max_tokens=0), budget, draft=drafted)
         # The LLM's choices after the sequence's last token and after each drafted token.
@@ -43,16 +43,9 @@ def speculate(progress: Progress, engines: dict, journal, draft_tokens: int, bud
             record = progress.commit(role, epb.Span(token_ids=tokens, entropies=ents, timings=timings))
             cancel_requested |= journal.log(progress, record)
             yield record
-        progress.finish_reason = _finish_reason(progress, correction or kept)
+        progress.finish_reason = finish_reason(progress)
         if progress.finish_reason == opb.FINISH_REASON_UNSPECIFIED and cancel_requested:
             progress.finish_reason = opb.FINISH_REASON_CANCELLED
         if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
             return
 
-
-def _finish_reason(progress: Progress, last_tokens: list[int]) -> int:
-    if last_tokens and last_tokens[-1] in progress.stop_token_ids:
-        return opb.FINISH_REASON_EOS
-    if len(progress.tokens) >= progress.max_new_tokens:
-        return opb.FINISH_REASON_MAX_NEW_TOKENS
-    return opb.FINISH_REASON_UNSPECIFIED

@@ -4,8 +4,11 @@ slm_service, llm_service and the orchestrator run as separate processes (the tin
 redis-server. Each service gets well-formed requests built from its proto messages with random field
 values (extreme integers, NaN and infinite floats, any unicode, random ids and enum numbers), and raw
 random bytes on every method path (and on paths that do not exist). Every answer must be OK or a client
-error; never INTERNAL from our code, never UNAVAILABLE. Sessions made before the fuzzing (a finished
-generation, a prefilled session on each engine, sent bad requests by the fuzzer too) come out intact.
+error; never INTERNAL, never UNAVAILABLE. Every field is drawn over its full range (max_new_tokens up to
+2^32 - 1 included); generations stay cheap because the engines' context is short, not because lengths
+are capped. Orchestrator calls go with and without a deadline. Sessions made before the fuzzing (a
+finished generation, a prefilled session on each engine, sent bad requests by the fuzzer too) come out
+intact.
 """
 
 import math
@@ -27,11 +30,11 @@ PROMPT = [3, 48, 81, 8, 92, 80, 77, 90, 77, 6, 4]
 # Examples per kind of request; each sends one request: 1,100 to each service.
 EXAMPLES = {"engine": {"valid": 300, "random": 350, "at-known": 150, "raw": 300},
             "orchestrator": {"valid": 250, "random": 400, "sessions": 150, "raw": 300}}
-MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT = 4, 8  # keeps the generations the fuzzer starts cheap
+CONTEXT = 48  # the engines' --max-context: every generation, however long it asks to be, ends within it
+MAX_NEW_TOKENS_LIMIT = 4096  # the orchestrator's default --max-new-tokens-limit
 TIMEOUT_S = 30
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
                  grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-UNDECODABLE = "Exception deserializing request!"  # grpc's own INTERNAL for bytes that do not parse
 SERVICES = {"slm": epb.DESCRIPTOR.services_by_name["Engine"], "llm": epb.DESCRIPTOR.services_by_name["Engine"],
             "orchestrator": opb.DESCRIPTOR.services_by_name["Orchestrator"]}
 FUZZ_SETTINGS = settings(derandomize=True, database=None, deadline=None, print_blob=False,
@@ -41,10 +44,9 @@ FUZZ_SETTINGS = settings(derandomize=True, database=None, deadline=None, print_b
 
 @pytest.fixture(scope="module")
 def deployment(redis_server, model_paths, tmp_path_factory):
-    with LocalDeployment(redis=redis_server.url, slm_args=["--model", str(model_paths["slm"])],
-                         llm_args=["--model", str(model_paths["llm"])],
-                         orchestrator_args=["--max-new-tokens", str(MAX_NEW_TOKENS),
-                                            "--max-new-tokens-limit", str(MAX_NEW_TOKENS_LIMIT)],
+    engine_args = ["--max-context", str(CONTEXT)]
+    with LocalDeployment(redis=redis_server.url, slm_args=["--model", str(model_paths["slm"]), *engine_args],
+                         llm_args=["--model", str(model_paths["llm"]), *engine_args],
                          log_dir=tmp_path_factory.mktemp("fuzz-logs")) as d:
         channels = {"slm": grpc.insecure_channel(d.slm.address), "llm": grpc.insecure_channel(d.llm.address),
                     "orchestrator": grpc.insecure_channel(d.address)}
@@ -164,16 +166,17 @@ def engine_requests(vocab: int, context: int, known: dict[str, tuple[str, int]],
 
 def orchestrator_requests(vocab: int, context: int, finished_id: str):
     token = st.one_of(st.integers(0, vocab - 1), st.integers(vocab, vocab + 3), EXTREME_U32)
-    sid = st.one_of(st.sampled_from(["", finished_id, "no-such-session"]), st.text(max_size=40))
+    sid = st.one_of(st.sampled_from(["", finished_id, "no-such-session", "s" * 257, "s" * 100_000]),
+                    st.text(max_size=40))
 
     @st.composite
     def generation_spec(draw):
         spec = opb.GenerationSpec(
             raw=draw(st.booleans()), policy=draw(enum(opb.Policy.values())),
-            max_new_tokens=draw(st.one_of(st.integers(0, MAX_NEW_TOKENS_LIMIT), uint32(2**31))),
+            max_new_tokens=draw(uint32(2 * MAX_NEW_TOKENS_LIMIT)),
             stop_token_ids=draw(st.one_of(st.lists(token, max_size=3), st.just([1] * 300))),
             seed=draw(st.integers(0, 2**64 - 1)),
-            draft_tokens=draw(st.one_of(st.integers(0, 8), uint32(2**31))))
+            draft_tokens=draw(uint32(80)))
         kind = draw(st.sampled_from(["none", "text", "messages", "token_ids"]))
         if kind == "text":
             spec.text = draw(TEXT)
@@ -196,7 +199,7 @@ def orchestrator_requests(vocab: int, context: int, finished_id: str):
         opb.GenerationSpec, text=st.text(min_size=1, max_size=20), policy=st.sampled_from(sorted(opb.Policy.values())),
         tau=st.floats(0, 1, width=32), max_new_tokens=st.integers(0, MAX_NEW_TOKENS_LIMIT),
         stop_token_ids=st.lists(in_vocab, max_size=2), slm_probability=st.floats(0, 1, width=32),
-        seed=st.integers(0, 2**64 - 1), draft_tokens=st.integers(0, 8))
+        seed=st.integers(0, 2**64 - 1), draft_tokens=st.integers(0, 64))
     valid_ids_spec = st.builds(opb.GenerationSpec, token_ids=st.builds(
         opb.TokenIds, token_ids=st.lists(in_vocab, min_size=1, max_size=12)), policy=st.sampled_from(
         sorted(opb.Policy.values())), max_new_tokens=st.integers(0, MAX_NEW_TOKENS_LIMIT))
@@ -208,11 +211,12 @@ def orchestrator_requests(vocab: int, context: int, finished_id: str):
                             st.tuples(st.just("Complete"), st.builds(opb.CompleteRequest, spec=generation_spec()))),
         "sessions": st.one_of(
             st.tuples(st.just("Resume"), st.builds(opb.ResumeRequest, session_id=sid,
-                                                   received_tokens=uint32(2 * MAX_NEW_TOKENS_LIMIT))),
+                                                   received_tokens=uint32(2 * CONTEXT))),
             st.tuples(st.just("GetSession"), st.builds(opb.GetSessionRequest, session_id=sid)),
             st.tuples(st.just("Cancel"), st.builds(opb.CancelRequest, session_id=sid))),
     }
-    return {kind: strategy.map(lambda v: (*v, False)) for kind, strategy in kinds.items()}
+    # The flag says the call goes without a deadline (grpcurl's default), as many real clients send it.
+    return {kind: st.tuples(strategy, st.booleans()).map(lambda v: (*v[0], v[1])) for kind, strategy in kinds.items()}
 
 
 def raw_requests(service):
@@ -271,7 +275,8 @@ def test_fuzzed_requests_get_client_errors_and_break_nothing(deployment, known, 
 
     def well_formed(kind):
         def send(example):
-            method, request, sync = example
+            method, request, flag = example
+            sync, timeout = (False, None if flag else TIMEOUT_S) if target == "orchestrator" else (flag, TIMEOUT_S)
             if sync:
                 request = type(request).FromString(request.SerializeToString())
                 held = lengths.get(request.session_id, 0)
@@ -280,7 +285,7 @@ def test_fuzzed_requests_get_client_errors_and_break_nothing(deployment, known, 
                 elif method != "Release":
                     request.base_len = held
             sent[kind] = sent.get(kind, 0) + 1
-            code, details, response, trailing = outcome(lambda: getattr(stub, method)(request, timeout=TIMEOUT_S))
+            code, details, response, trailing = outcome(lambda: getattr(stub, method)(request, timeout=timeout))
             check(code, details, f"{target} {method}({str(request)[:300]!r})")
             track(lengths, method, request, code, response, trailing)
 
@@ -294,9 +299,7 @@ def test_fuzzed_requests_get_client_errors_and_break_nothing(deployment, known, 
         code, details, _, _ = outcome(lambda: call(data, timeout=TIMEOUT_S))
         if code == grpc.StatusCode.UNIMPLEMENTED:
             assert "NoSuchMethod" in path or path.startswith("/no."), f"{path} is UNIMPLEMENTED"
-        if code == grpc.StatusCode.INTERNAL:
-            assert details == UNDECODABLE, f"{target} {path}({data!r}) got INTERNAL: {details}"
-        check(code, details, f"{target} {path}({data!r})", {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL})
+        check(code, details, f"{target} {path}({data!r})", {grpc.StatusCode.UNIMPLEMENTED})
 
     for kind, strategy in kinds.items():
         settings(FUZZ_SETTINGS, max_examples=examples[kind])(given(strategy)(well_formed(kind)))()

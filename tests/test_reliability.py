@@ -79,6 +79,10 @@ def test_engine_killed_and_restarted_mid_session(cluster, victim):
     assert_same_answer(got, want)
     # The restarted engine was sent the whole sequence again, not just the tokens it had not seen.
     assert got.stats[f"{victim}_prefill_tokens"] > want.stats[f"{victim}_prefill_tokens"]
+    # The orchestrator said once that the engine went away and once that it came back.
+    log = deployment.orchestrator.log.read_text()
+    assert log.count(f"engine {engine.address} is unreachable") == 1, log[-3000:]
+    assert log.count(f"engine {engine.address} answers again after") == 1, log[-3000:]
 
 
 def test_orchestrator_killed_client_resumes_on_another_replica(cluster):

@@ -1,5 +1,6 @@
 """R-Stitch+: the DAPO objective by hand, the router file, and the router policy's wiring."""
 
+import re
 import subprocess
 import sys
 
@@ -85,6 +86,40 @@ def test_a_router_file_of_another_format_is_refused():
     data = save({"w1": np.zeros((2, 5), np.float32)}, metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="format is 'something-else'"):
         Router.from_bytes(data)
+
+
+def router_file(dtype=None, metadata=None, **replace) -> bytes:
+    """A valid 8-input router's file, its tensors cast to `dtype` (a torch dtype) or replaced."""
+    from safetensors.torch import save as save_torch
+
+    router = Router.constant(hidden_size=6, switch=True)
+    tensors = {name: torch.as_tensor(getattr(router, name)) for name in ("w1", "b1", "w2", "b2")}
+    tensors = {name: t.to(dtype) if dtype is not None else t for name, t in tensors.items()}
+    tensors.update({name: torch.as_tensor(value) for name, value in replace.items()})
+    return save_torch(tensors, metadata={"format": "rstitch-router/1", "position_scale": "64.0", **(metadata or {})})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_a_router_saved_in_any_float_dtype_loads_and_decides_alike(dtype):
+    router = Router.from_bytes(router_file(dtype))
+    assert router.w1.dtype == np.float32 and router.hidden_size == 6
+    assert router.switches(np.ones(6, np.float32), 0.5, 3)  # the bias of 30 survives every dtype exactly
+    assert float(router.b2[0]) == 30.0
+
+
+@pytest.mark.parametrize("replace, metadata, message", [
+    ({"w1": torch.zeros(4, 8, dtype=torch.int32)}, {}, "tensor 'w1' has dtype I32"),
+    ({"b1": torch.zeros(4, dtype=torch.bool)}, {}, "tensor 'b1' has dtype BOOL"),
+    ({"w1": torch.zeros(4, 8, 1)}, {}, "inconsistent shapes"),
+    ({"w1": torch.zeros(32)}, {}, "inconsistent shapes"),
+    ({"w1": torch.zeros(0, 8), "b1": torch.zeros(0), "w2": torch.zeros(1, 0)}, {}, "units >= 1"),
+    ({}, {"position_scale": "inf"}, "positive finite"),
+    ({}, {"position_scale": "nan"}, "positive finite"),
+    ({}, {"position_scale": "0"}, "positive finite"),
+])
+def test_a_router_with_bad_weights_is_refused_naming_what_is_wrong(replace, metadata, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Router.from_bytes(router_file(metadata=metadata, **replace))
 
 
 def test_the_committed_router_reads_the_trained_slm():

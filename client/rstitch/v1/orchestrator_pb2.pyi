@@ -39,6 +39,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_CONTEXT_FULL: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
 POLICY_UNSPECIFIED: Policy
 POLICY_ENTROPY: Policy
 POLICY_LLM: Policy
@@ -60,6 +61,7 @@ FINISH_REASON_MAX_NEW_TOKENS: FinishReason
 FINISH_REASON_CONTEXT_FULL: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_ERROR: FinishReason
+FINISH_REASON_STOP: FinishReason
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
