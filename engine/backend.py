@@ -5,6 +5,10 @@ engine called in-process answers exactly what its gRPC service would.
 """
 
 from abc import ABC, abstractmethod
+import contextvars
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rstitch.v1 import engine_pb2 as pb
@@ -13,6 +17,14 @@ from .admission import Admission, Overloaded
 from .errors import EngineOverloaded, InvalidRequest
 from .sessions import Session, SessionTable
 from .span import validate_rule, validate_tokens
+
+# Called with (token_id, entropy) of each committed token, as soon as the engine chose it (streaming).
+OnToken = Callable[[int, float], None]
+
+
+def _ignore(token_id: int, entropy: float) -> None:
+    pass
+
 
 # Callers name sessions with short ids (the orchestrator uses 32 hex digits); a longer one is a mistake.
 MAX_SESSION_ID_CHARS = 256
@@ -40,7 +52,8 @@ class Engine(ABC):
 
     # --- the contract -------------------------------------------------------------------------
 
-    def prefill(self, req: pb.PrefillRequest) -> pb.PrefillResponse:
+    def prefill(self, req: pb.PrefillRequest, on_token: OnToken | None = None) -> pb.PrefillResponse:
+        """on_token(token_id, entropy) is called with each committed token as soon as it is chosen."""
         validate_session_id(req.session_id)
         tokens = list(req.token_ids)
         validate_tokens(tokens, self.vocab_size)
@@ -55,14 +68,39 @@ class Engine(ABC):
             raise InvalidRequest("token_ids is empty: a session's first Prefill needs at least one token")
         create = req.base_len == 0
         with self._admitted(), self.sessions.checkout(req.session_id, req.base_len, create=create) as session:
-            span, greedy = self._span(session, tokens, req.rule, req.verify)
+            span, greedy = self._span(session, tokens, req.rule, req.verify, on_token or _ignore)
         return pb.PrefillResponse(span=span, greedy_token_ids=greedy[0], greedy_entropies=greedy[1])
+
+    def stream_span(self, req: pb.StreamSpanRequest) -> Iterator[pb.StreamSpanResponse]:
+        """Prefill whose committed tokens are yielded as they are chosen, then the whole response.
+        The span runs on a thread of its own, so that a slow reader never holds the model up."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+
+        def committed(token_id: int, entropy: float) -> None:
+            events.put(pb.StreamSpanResponse(token=pb.CommittedToken(token_id=token_id, entropy=entropy)))
+
+        def run() -> None:
+            try:
+                events.put(pb.StreamSpanResponse(done=self.prefill(req.prefill, committed)))
+            except BaseException as e:  # noqa: BLE001 - handed to the reader, who raises it
+                events.put(e)
+
+        # In the caller's context (contextvars), so that the span's trace spans stay under the call's.
+        threading.Thread(target=contextvars.copy_context().run, args=(run,), name=f"{self.role}-stream",
+                         daemon=True).start()
+        while True:
+            event = events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if event.HasField("done"):
+                return
 
     def decode(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         validate_session_id(req.session_id)
         validate_rule(req.rule, self.vocab_size, self.max_context)
         with self._admitted(), self.sessions.checkout(req.session_id, req.base_len) as session:
-            span, _ = self._span(session, [], req.rule, False)
+            span, _ = self._span(session, [], req.rule, False, _ignore)
         return pb.DecodeResponse(span=span)
 
     def rollback(self, req: pb.RollbackRequest) -> pb.RollbackResponse:
@@ -83,10 +121,11 @@ class Engine(ABC):
     # --- what a backend provides --------------------------------------------------------------
 
     @abstractmethod
-    def _span(self, session: Session, tokens: list[int], rule: pb.SpanRule, verify: bool
+    def _span(self, session: Session, tokens: list[int], rule: pb.SpanRule, verify: bool, on_token: OnToken
               ) -> tuple[pb.Span, tuple[list[int], list[float]]]:
-        """Append tokens to the cache, then decode a span under rule (see engine.proto). With verify,
-        also the greedy choice and its entropy after every appended token."""
+        """Append tokens to the cache, then decode a span under rule (see engine.proto), calling
+        on_token with each committed token as it is chosen. With verify, also the greedy choice and
+        its entropy after every appended token."""
 
     @abstractmethod
     def _truncate(self, session: Session, length: int) -> None:

@@ -8,10 +8,13 @@ import torch
 def greedy_with_entropy(logits: torch.Tensor, vocab_size: int) -> tuple[list[int], list[float]]:
     """For each row of logits [..., V_padded]: the argmax token and H = -sum p log p / log V.
 
-    Rows past the tokenizer's real vocabulary V (padding of the embedding matrix) are masked out of
-    both, so that a padded model and an unpadded one agree. H is clamped to [0, 1] so that rounding
-    cannot put a uniform distribution above tau = 1.
+    V is the served vocabulary (engine.checkpoints.served_vocabulary); columns past it (padding of the
+    output layer) are masked out of both, so that a padded model and an unpadded one agree. H is
+    clamped to [0, 1] so that rounding cannot put a uniform distribution above tau = 1.
     """
+    if logits.shape[-1] < vocab_size:
+        raise ValueError(f"logits have {logits.shape[-1]} columns, fewer than the vocabulary of {vocab_size} "
+                         "ids: the served vocabulary must not exceed the output layer")
     real = logits[..., :vocab_size].float().reshape(-1, vocab_size)
     logp = torch.log_softmax(real, dim=-1)
     # xlogy-style: a probability that underflows to 0 contributes 0, not NaN.

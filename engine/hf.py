@@ -1,30 +1,36 @@
-"""The hf backend: transformers + PyTorch, one private DynamicCache per session, exact rollback."""
+"""The hf backend: transformers + PyTorch, batched steps over one KV pool, exact rollback.
+
+Every session owns a slot of the engine's KV pool (engine/kv_pool.py); its span loop runs on the
+calling thread, one token at a time, but each forward it needs rides in the step the BatchedRunner
+(engine/scheduler.py) runs over all sessions that have work: concurrent spans share forwards.
+"""
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from rstitch.v1 import engine_pb2 as pb
 
 from . import checkpoints, latency, telemetry
 from .backend import Engine
+from .checkpoints import kv_bytes_per_token, torch_dtype
 from .entropy import greedy_with_entropy
 from .errors import CacheMismatch
+from .kv_pool import KVPool, cache_kwarg
+from .scheduler import BatchedRunner
 from .sessions import Session
 from .span import judge
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class CacheState:
-    cache: DynamicCache
+    slot: int  # the session's slot of the KV pool
     # The next-token distribution at the cache's end, kept while nothing after it was chosen
     # (a gated stop, or a prefill with max_tokens = 0), so that Decode can continue from it.
     next_logits: torch.Tensor | None = None
@@ -64,48 +70,55 @@ class HFEngine(Engine):
                  kv_budget_mb: float = 1024, max_context: int | None = None, model_id: str | None = None,
                  max_sessions: int = 0, max_calls: int = 64):
         self.tokenizer = checkpoints.load_tokenizer(model_path)
-        self.model = checkpoints.load_model(model_path, DTYPES[dtype], device)
+        self.model = checkpoints.load_model(model_path, torch_dtype(dtype), device)
         self.device, self.dtype = device, dtype
         self.model_id = model_id or str(model_path)
+        _check_rollback_support(self.model, str(model_path))
+        vocab = checkpoints.served_vocabulary(self.tokenizer, self.model.generation_config,
+                                              _output_rows(self.model, device), str(model_path))
         config = self.model.config.get_text_config()
         context = config.max_position_embeddings
         if max_context:
             context = min(context, max_context)
-        self.kv_bytes_per_token = _kv_bytes_per_token(config, self.model.dtype)
-        super().__init__(role=role, vocab_size=len(self.tokenizer), max_context=context,
+        self.kv_bytes_per_token = kv_bytes_per_token(config, self.model.dtype)
+        super().__init__(role=role, vocab_size=vocab.size, max_context=context,
                          kv_capacity_tokens=int(kv_budget_mb * 2**20 // self.kv_bytes_per_token),
                          max_sessions=max_sessions, max_calls=max_calls)
         self.hidden_size = config.hidden_size
         self.latency_model = latency.stored_proto(model_path, self.backend, device, dtype)
-        self.eos_token_ids = checkpoints.eos_token_ids(self.model, self.tokenizer)
-        self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer)
+        self.eos_token_ids = vocab.eos_token_ids
+        self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer, vocab.size)
         self._tokenizer_files = checkpoints.tokenizer_files(self.tokenizer)
-        # One forward at a time: concurrent sessions interleave per forward pass, not per span.
-        self._model_lock = threading.Lock()
-        log.info("%s engine: %s on %s/%s, vocab %d, context %d, KV budget %d tokens (%d B/token)", role,
-                 self.model_id, device, dtype, self.vocab_size, self.max_context, self.sessions.capacity,
-                 self.kv_bytes_per_token)
+        self.pool = KVPool.for_model(self.model, budget_tokens=self.sessions.capacity, max_context=context)
+        self.runner = BatchedRunner(self.model, self.pool)
+        # One slot per session: past the pool's slots the least recently used idle session is evicted.
+        self.sessions.max_sessions = min(max_sessions or self.pool.slots, self.pool.slots)
+        self.sessions.on_remove = self._free_slot
+        log.info("%s engine: %s on %s/%s, vocab %d, context %d, KV budget %d tokens (%d B/token) in %d slots",
+                 role, self.model_id, device, dtype, self.vocab_size, self.max_context, self.sessions.capacity,
+                 self.kv_bytes_per_token, self.pool.slots)
 
-    @torch.inference_mode()
     def _forward(self, session: Session, tokens: list[int], clock: SpanClock, *, all_positions=False, hidden=False):
+        """Feed `tokens` at the session's end, in whichever step the runner takes them into; the
+        logits after each (all_positions) or after the last, and the last hidden state if asked."""
         self.sessions.grow(session, len(tokens))
         if session.state is None:
-            session.state = CacheState(DynamicCache(config=self.model.config))
-        ids = torch.tensor([tokens], device=self.device)
-        waited = time.perf_counter()
-        with self._model_lock:
-            got = time.perf_counter()
-            out = self.model(input_ids=ids, cache=session.state.cache, use_cache=True,
-                             logits_to_keep=0 if all_positions else 1, output_hidden_states=hidden)
-        clock.queue += got - waited
+            session.state = CacheState(self.pool.allocate())
+        submitted = time.perf_counter()
+        result = self.runner.forward(session.state.slot, session.length - len(tokens), tokens,
+                                     all_logits=all_positions, hidden=hidden)
+        clock.queue += result.queued_s  # waiting for a step to take the tokens in (other sessions' forwards)
         if clock.forwards == 0:
-            clock.first_wait = (waited, got)
-            clock.trace("engine.queue", waited, got)
+            clock.first_wait = (submitted, submitted + result.queued_s)
+            clock.trace("engine.queue", *clock.first_wait)
         clock.forwards += 1
-        last_hidden = out.hidden_states[-1][0, -1] if hidden else None
-        return out.logits[0], last_hidden
+        return result.logits, result.hidden
 
-    def _span(self, session, tokens, rule, verify):
+    def _free_slot(self, session: Session) -> None:
+        if session.state is not None:
+            self.pool.free(session.state.slot)
+
+    def _span(self, session, tokens, rule, verify, on_token):
         clock = SpanClock()
         greedy = ([], [])
         if tokens:
@@ -144,6 +157,7 @@ class HFEngine(Engine):
                 break
             span.token_ids.append(token)
             span.entropies.append(entropy)
+            on_token(token, entropy)
             fresh = False
             if reason is not None:
                 span.stop_reason = reason
@@ -164,12 +178,12 @@ class HFEngine(Engine):
         return span, greedy
 
     def _truncate(self, session, length):
-        state = session.state
         if length == 0:
+            self._free_slot(session)
             session.state = None
             return
-        state.cache.crop(length - session.length)  # transformers 5.24: a negative count removes tokens
-        state.next_logits = state.next_hidden = None
+        self.pool.truncate(session.state.slot, length)  # exact: later writes overwrite what lay past it
+        session.state.next_logits = session.state.next_hidden = None
 
     def info(self) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -185,10 +199,25 @@ class HFEngine(Engine):
         return pb.GetTokenizerResponse(files=self._tokenizer_files, fingerprint=self.fingerprint)
 
 
-def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
+# --- start-up checks ---------------------------------------------------------------------------
+
+def _check_rollback_support(model, where: str) -> None:
+    """Refuse at start-up a model whose cache holds more than attention keys and values (recurrent or
+    convolutional state cannot be cut back to an earlier length)."""
+    kinds = {type(layer) for layer in DynamicCache(config=model.config).layers}
+    others = sorted(kind.__name__ for kind in kinds - {DynamicLayer, DynamicSlidingWindowLayer})
+    if others:
+        raise ValueError(f"{where}: {model.config.model_type} keeps state in {', '.join(others)} cache layers, "
+                         "which cannot be rolled back to an earlier length; the hf backend serves attention-only "
+                         "models")
+
+
+def _output_rows(model, device: str) -> int:
+    """The width of the model's logits (its output layer's rows), from one plain forward of one token."""
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[0]], device=device), use_cache=True,
+                    **{cache_kwarg(model): DynamicCache()})
+    return out.logits.shape[-1]
 
 
 def _float_bytes(hidden: torch.Tensor | None) -> bytes:

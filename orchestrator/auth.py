@@ -50,15 +50,18 @@ def add_auth_args(parser) -> None:
 
 
 def interceptors_from_args(parser, args) -> list[grpc.ServerInterceptor]:
-    token = os.environ.get(TOKEN_ENV)
-    if args.auth_token_file:
+    token, source = os.environ.get(TOKEN_ENV), f"${TOKEN_ENV}"
+    if args.auth_token_file is not None:
+        source = f"argument --auth-token-file: {args.auth_token_file}"
         try:
-            with open(args.auth_token_file) as f:
+            with open(args.auth_token_file, encoding="utf-8") as f:
                 token = f.read().strip()
-        except OSError as e:
-            parser.error(f"--auth-token-file: {e}")
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"{source}: cannot read it: {getattr(e, 'strerror', None) or e}")
     if token is None:
         return []
     if not token:
-        parser.error(f"the auth token ({args.auth_token_file or '$' + TOKEN_ENV}) is empty")
+        parser.error(f"{source}: the token is empty")
+    if not (token.isascii() and token.isprintable()):  # a metadata value travels as printable ASCII
+        parser.error(f"{source}: the token must be printable ASCII, as clients send it in a header")
     return [BearerTokenInterceptor(token)]

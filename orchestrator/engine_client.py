@@ -32,6 +32,13 @@ class LocalEngineClient:
     def decode(self, req: pb.DecodeRequest, timeout=None) -> pb.DecodeResponse:
         return self.engine.decode(req)
 
+    def stream_span(self, req: pb.PrefillRequest, timeout=None):
+        """Yields (token_id, entropy) of each committed token as it is chosen; returns the response."""
+        for event in self.engine.stream_span(pb.StreamSpanRequest(prefill=req)):
+            if event.HasField("done"):
+                return event.done
+            yield event.token.token_id, event.token.entropy
+
     def rollback(self, req: pb.RollbackRequest, timeout=None) -> pb.RollbackResponse:
         return self.engine.rollback(req)
 
@@ -79,15 +86,31 @@ class GrpcEngineClient:
         try:
             response = method(req, timeout=timeout)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self._went_down(e.details())
-            trailing = dict(e.trailing_metadata() or ())
-            cache_len = int(trailing[CACHE_LEN_KEY]) if CACHE_LEN_KEY in trailing else None
-            retryable = RETRYABLE_KEY in trailing
-            raise from_status(e.code(), f"{self.address}: {e.details()}", cache_len, retryable) from None
+            raise self._error(e) from None
         if self._down_since is not None:
             self._came_back()
         return response
+
+    def stream_span(self, req, timeout=None):
+        """Yields (token_id, entropy) of each committed token as the engine streams it; returns the
+        PrefillResponse that ends the stream."""
+        try:
+            for event in self._stub.StreamSpan(pb.StreamSpanRequest(prefill=req), timeout=timeout):
+                if event.HasField("done"):
+                    if self._down_since is not None:
+                        self._came_back()
+                    return event.done
+                yield event.token.token_id, event.token.entropy
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        raise from_status(grpc.StatusCode.UNAVAILABLE, f"{self.address}: the span's stream ended before its end")
+
+    def _error(self, e: grpc.RpcError):
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            self._went_down(e.details())
+        trailing = dict(e.trailing_metadata() or ())
+        cache_len = int(trailing[CACHE_LEN_KEY]) if CACHE_LEN_KEY in trailing else None
+        return from_status(e.code(), f"{self.address}: {e.details()}", cache_len, RETRYABLE_KEY in trailing)
 
     def _went_down(self, why: str) -> None:
         with self._health_lock:

@@ -3,7 +3,7 @@
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 from engine.errors import CacheMismatch, EngineError, SessionNotFound
@@ -45,6 +45,18 @@ class Switch:
         self.latency_s = now - self.decided - after_first_ms / 1e3
         self.prefill_tokens = prefill_tokens
         return self
+
+
+@dataclass
+class Streamed:
+    """An answer token an engine committed and streamed before its span ended (the log gets it with
+    the span). A retried or re-prefilled span streams its tokens again, at the same positions and
+    equal, since decoding is deterministic: readers keep the first of each position."""
+
+    position: int
+    source: int
+    token_id: int
+    entropy: float
 
 
 class Observer:
@@ -113,8 +125,10 @@ class Progress:
         return opb.SpanRecord(source=role, token_ids=span.token_ids, entropies=span.entropies)
 
 
-def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "Budget") -> Iterator[opb.SpanRecord]:
-    """Ask the active engine for a span, log it, pick the next engine; until EOS, length or cancel."""
+def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "Budget"
+           ) -> Iterator[Streamed | opb.SpanRecord]:
+    """Ask the active engine for a span, log it, pick the next engine; until EOS, length or cancel.
+    Yields each token as the engine streams it, and each span once it is logged."""
     switch = None  # the switch decided by the last span, reported after the incoming model's first call
     while True:
         role = progress.role
@@ -123,7 +137,7 @@ def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "
         rule.max_tokens = min(rule.max_tokens or remaining, remaining)
         rule.stop_token_ids.extend(progress.stop_token_ids)
         prefilled = progress.prefill_tokens(role)
-        span = advance(engines[role], progress, role, rule, budget).span
+        span = (yield from advance_streaming(engines[role], progress, role, rule, budget)).span
         if span.HasField("candidate") and policy.keeps(span, len(progress.tokens) + len(span.token_ids)):
             span = with_candidate_kept(span, rule)
             progress.stats.router_kept_tokens += 1
@@ -193,11 +207,16 @@ class Budget:
 
 def retrying(call, budget: Budget):
     """call(timeout), tried again with jittered exponential backoff while the engine is down or
-    overloaded (a restarting engine answers again within seconds), within budget."""
+    overloaded (a restarting engine answers again within seconds), within budget. A generator: a
+    call may return a stream (a generator itself), whose events it passes on and whose return value
+    is the result; a stream retried from its start yields its first events again (see Streamed)."""
     pause, give_up = 0.05, None
     while True:
         try:
-            return call(budget.timeout())
+            result = call(budget.timeout())
+            if isinstance(result, Generator):
+                result = yield from result
+            return result
         except EngineError as e:
             if not e.retryable:
                 raise
@@ -208,10 +227,26 @@ def retrying(call, budget: Budget):
         pause = min(pause * 2, 1.0)
 
 
+def finished(generator: Generator):
+    """Run a generator to its end, dropping what it yields; its return value."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as end:
+            return end.value
+
+
 def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: Budget, draft: list[int] = ()
             ) -> epb.PrefillResponse:
+    """One call to `engine` (see advance_streaming), its tokens returned with the response only."""
+    return finished(advance_streaming(engine, progress, role, rule, budget, draft, stream=False))
+
+
+def advance_streaming(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: Budget,
+                      draft: list[int] = (), stream: bool = True):
     """One call to `engine`, sending it exactly the tokens it has not seen (partial prefill), then
-    `draft` tokens to verify, if any (their greedy choices come back in the response).
+    `draft` tokens to verify, if any (their greedy choices come back in the response). Yields each
+    committed token as a Streamed as the engine decodes it (with stream); returns the response.
 
     A lost or evicted session (NOT_FOUND) is prefilled again from the log; a cache of another
     length than ours (FAILED_PRECONDITION) is rolled back to what the sequence keeps.
@@ -219,15 +254,10 @@ def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: B
     for _ in range(REPAIRS_PER_SPAN):
         base = progress.synced[role]
         unseen = progress.sequence[base:] + list(draft)
+        req = epb.PrefillRequest(session_id=progress.session_id, base_len=base, token_ids=unseen, rule=rule,
+                                 verify=bool(draft))
         try:
-            if unseen:
-                req = epb.PrefillRequest(session_id=progress.session_id, base_len=base, token_ids=unseen, rule=rule,
-                                         verify=bool(draft))
-                out = retrying(lambda timeout: engine.prefill(req, timeout=timeout), budget)
-            else:
-                req = epb.DecodeRequest(session_id=progress.session_id, base_len=base, rule=rule)
-                out = epb.PrefillResponse(span=retrying(lambda timeout: engine.decode(req, timeout=timeout),
-                                                        budget).span)
+            out = yield from retrying(lambda timeout: _call(engine, progress, role, req, timeout, stream), budget)
         except SessionNotFound:
             progress.synced[role] = 0
             continue
@@ -247,13 +277,33 @@ def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: B
                         f"after {REPAIRS_PER_SPAN} tries")
 
 
+def _call(engine, progress: Progress, role: int, req: epb.PrefillRequest, timeout, stream: bool):
+    if stream:
+        return _positioned(engine.stream_span(req, timeout=timeout), len(progress.tokens), role)
+    if req.token_ids:
+        return engine.prefill(req, timeout=timeout)
+    decode = epb.DecodeRequest(session_id=req.session_id, base_len=req.base_len, rule=req.rule)
+    return epb.PrefillResponse(span=engine.decode(decode, timeout=timeout).span)
+
+
+def _positioned(events, position: int, role: int):
+    """An engine's stream of (token, entropy) as Streamed answer tokens from `position` on."""
+    while True:
+        try:
+            token_id, entropy = next(events)
+        except StopIteration as end:
+            return end.value
+        yield Streamed(position, role, token_id, entropy)
+        position += 1
+
+
 def roll_back(engine, progress: Progress, role: int, length: int, budget: Budget, engine_len: int | None = None
               ) -> None:
     """Cut the engine's cache to `length` tokens if it holds more (engine_len: what it really holds)."""
     held = progress.synced[role] if engine_len is None else engine_len
     if held > length:
         req = epb.RollbackRequest(session_id=progress.session_id, length=length)
-        retrying(lambda timeout: engine.rollback(req, timeout=timeout), budget)
+        finished(retrying(lambda timeout: engine.rollback(req, timeout=timeout), budget))
     progress.synced[role] = min(held, length)
 
 

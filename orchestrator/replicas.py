@@ -120,13 +120,25 @@ class PinnedEngine:
         try:
             return getattr(self.pool.client(address), method)(req, timeout=timeout)
         except EngineUnavailable:
-            other = self.pool.fail_over(address)
-            if other is None:
-                raise  # the only replica: the loop retries it with backoff
-            self.move(other)
-            log.warning("session %s: engine replica %s is unreachable, moved to %s", self.progress.session_id,
-                        address, other)
-            raise SessionNotFound(f"{address} is unreachable; the session moved to {other}", cache_len=0) from None
+            self._fail_over(address)
+
+    def stream_span(self, req, timeout=None):
+        address = self.address
+        try:
+            return (yield from self.pool.client(address).stream_span(req, timeout=timeout))
+        except EngineUnavailable:
+            self._fail_over(address)
+
+    def _fail_over(self, address: str):
+        """Move the session to another replica and have the loop prefill it there, or, with no other
+        replica, let the loop retry this one with backoff."""
+        other = self.pool.fail_over(address)
+        if other is None:
+            raise
+        self.move(other)
+        log.warning("session %s: engine replica %s is unreachable, moved to %s", self.progress.session_id,
+                    address, other)
+        raise SessionNotFound(f"{address} is unreachable; the session moved to {other}", cache_len=0) from None
 
     def move(self, address: str) -> None:
         self.pool.count(self.address, -1)

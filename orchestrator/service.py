@@ -20,14 +20,15 @@ from rstitch.v1 import orchestrator_pb2 as opb
 from engine.admission import Admission, Overloaded, QueueTimeout
 
 from .leases import LeaseKeeper
-from .loop import Budget, CallerGone, OutOfTime, Progress, finish_reason, stitch
+from .delivery import Delivery
+from .loop import Budget, CallerGone, OutOfTime, Progress, Streamed, finish_reason, stitch
 from .policies import LLM, ROLE_NAMES, SLM, make_policy
 from .replicas import EnginePool, PinnedEngine
 from .router import Router
 from .speculative import speculate
 from .store import Fenced, Journal, Lease, LeaseHeld, NotResumable, SessionStore, StoreUnavailable
 from .telemetry import GenerationTelemetry
-from .text import IncrementalText, encode_prompt, load_tokenizer
+from .text import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Orchestrator:
     # --- requests -----------------------------------------------------------------------------
 
     def generate(self, spec: opb.GenerationSpec, timeout_s: float | None = None, caller_alive=None):
-        """Yields GenerateResponse events: Started, one Delta per non-empty span, Finished.
+        """Yields GenerateResponse events: Started, one Delta per answer token as the engines decode it, Finished.
         caller_alive() turning False (a cancelled or disconnected caller) ends it within one span."""
         started = time.perf_counter()  # latency includes validation, tokenization and store writes
         budget = self._budget(timeout_s, caller_alive)
@@ -106,7 +107,7 @@ class Orchestrator:
             progress = self._new_progress(header, role=first)
             opening = [opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
                                                                 prompt_token_ids=header.prompt_token_ids))]
-            yield from self._drive(header, progress, lease, budget, IncrementalText(self.tokenizer), started, opening)
+            yield from self._drive(header, progress, lease, budget, Delivery(self.tokenizer), started, opening)
 
     def resume(self, session_id: str, received_tokens: int = 0, timeout_s: float | None = None, caller_alive=None):
         """Attach to a session by id: the events a client that has `received_tokens` of its answer has
@@ -115,23 +116,22 @@ class Orchestrator:
         started = time.perf_counter()
         budget = self._budget(timeout_s, caller_alive)
         session = self.session(session_id)
-        logged = _answer(session)
-        if received_tokens > len(logged):
+        # Streamed tokens reach clients before their span is logged: a client may hold more than the log.
+        logged = sum(len(span.token_ids) for span in session.spans)
+        going_on = session.status in (opb.STATUS_RUNNING, opb.STATUS_FAILED)
+        if received_tokens > (session.max_new_tokens if going_on else logged):
             raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
-                               f"received_tokens is {received_tokens} but session {session_id} has logged "
-                               f"{len(logged)} tokens so far")
+                               f"received_tokens is {received_tokens} but session {session_id} has "
+                               + (f"at most {session.max_new_tokens} tokens" if going_on else f"{logged} tokens"))
         with self._admitted(budget):
             yield opb.GenerateResponse(started=opb.Started(session_id=session_id,
                                                            prompt_token_ids=session.prompt_token_ids))
-            text = IncrementalText(self.tokenizer)
-            text.push(logged[:received_tokens])
-            sent = received_tokens
+            delivery = Delivery(self.tokenizer, received_tokens)
             while True:
-                yield from _unseen(session, sent, text)
-                sent = len(_answer(session))
+                yield from _replay(session, delivery)
                 if session.status not in (opb.STATUS_RUNNING, opb.STATUS_FAILED):
                     yield opb.GenerateResponse(finished=opb.Finished(
-                        finish_reason=session.finish_reason, stats=session.stats, text=text.text))
+                        finish_reason=session.finish_reason, stats=session.stats, text=delivery.text.text))
                     return
                 try:
                     lease = self._store(lambda: self.store.acquire(session_id, self.replica))
@@ -143,8 +143,8 @@ class Orchestrator:
                     continue
                 log.info("replica %s took over session %s at epoch %d", self.replica, session_id, lease.epoch)
                 session = self.session(session_id)  # final now: the previous owner is fenced
-                yield from self._drive(session, self._progress(session), lease, budget, text, started,
-                                       _unseen(session, sent, text))
+                yield from self._drive(session, self._progress(session), lease, budget, delivery, started,
+                                       _replay(session, delivery))
                 return
 
     def complete(self, spec: opb.GenerationSpec, timeout_s: float | None = None, caller_alive=None) -> opb.Session:
@@ -162,7 +162,7 @@ class Orchestrator:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _drive(self, header: opb.Session, progress: Progress, lease: Lease, budget: Budget, text: IncrementalText,
+    def _drive(self, header: opb.Session, progress: Progress, lease: Lease, budget: Budget, delivery: Delivery,
                started: float, opening=()):
         """Send the `opening` events, then run the session's policy from where `progress` stands to
         the end, under `lease`."""
@@ -180,9 +180,11 @@ class Orchestrator:
                 records = speculate(progress, engines, journal, header.draft_tokens, budget)
             else:
                 records = stitch(progress, make_policy(header), engines, journal, budget)
-            for record in records:
-                if record.token_ids:
-                    yield opb.GenerateResponse(delta=opb.Delta(span=record, text=text.push(record.token_ids)))
+            for item in records:
+                if isinstance(item, Streamed):
+                    yield from delivery.streamed(item)
+                else:  # a span, as logged: what of it was not streamed
+                    yield from delivery.logged(item, len(progress.tokens))
             if progress.finish_reason == opb.FINISH_REASON_CANCELLED:
                 status = opb.STATUS_CANCELLED
         except GeneratorExit:  # the caller went away: stop engine work at this span boundary
@@ -218,7 +220,7 @@ class Orchestrator:
             for role, engine in engines.items():
                 self.pools[role].count(engine.address, -1)
         yield opb.GenerateResponse(finished=opb.Finished(finish_reason=progress.finish_reason,
-                                                         stats=progress.stats, text=text.text))
+                                                         stats=progress.stats, text=delivery.text.text))
 
     def _progress(self, session: opb.Session) -> Progress:
         """The loop's state of a session, rebuilt from its log."""
@@ -401,17 +403,9 @@ def validate_session_id(session_id: str) -> None:
                            f"session_id has {len(session_id)} characters; ids are at most {MAX_SESSION_ID_CHARS}")
 
 
-def _answer(session: opb.Session) -> list[int]:
-    return [t for span in session.spans for t in span.token_ids]
-
-
-def _unseen(session: opb.Session, sent: int, text: IncrementalText):
-    """Deltas for the logged answer tokens past the first `sent` (a span may be cut at `sent`)."""
-    position = 0
+def _replay(session: opb.Session, delivery: Delivery):
+    """Deltas for the logged answer tokens the client has not received."""
+    end = 0
     for span in session.spans:
-        end = position + len(span.token_ids)
-        if end > sent:
-            cut = max(sent - position, 0)
-            part = opb.SpanRecord(source=span.source, token_ids=span.token_ids[cut:], entropies=span.entropies[cut:])
-            yield opb.GenerateResponse(delta=opb.Delta(span=part, text=text.push(part.token_ids)))
-        position = end
+        end += len(span.token_ids)
+        yield from delivery.logged(span, end)

@@ -31,17 +31,25 @@ def encode_prompt(tokenizer, spec: opb.GenerationSpec) -> list[int]:
 
 
 class IncrementalText:
-    """Turns growing token ids into text deltas, holding back a character split across tokens."""
+    """Turns growing token ids into text deltas, holding back a character split across tokens.
+
+    Each push decodes only a short window (the tokens since the last emitted text, after the one
+    before), as TGI's and vLLM's detokenizers do, so a long answer costs O(n), not O(n^2)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = self._read = 0  # ids[prefix:read] were decoded into text already
 
     def push(self, token_ids) -> str:
         self.ids += token_ids
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.ids[self._prefix:self._read])
+        after = decode(self.ids[self._prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
-        delta, self.text = full[len(self.text):], full
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
         return delta

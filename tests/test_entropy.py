@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from engine.entropy import greedy_with_entropy
@@ -31,3 +32,9 @@ def test_entropy_matches_the_definition():
     expected = float(-(p * p.log()).sum() / math.log(64))
     _, [h] = greedy_with_entropy(logits, 64)
     assert math.isclose(h, expected, rel_tol=1e-5)
+
+
+def test_a_vocabulary_wider_than_the_logits_is_refused():
+    """The served vocabulary never exceeds the output layer (engine.checkpoints.served_vocabulary)."""
+    with pytest.raises(ValueError, match="fewer than the vocabulary"):
+        greedy_with_entropy(torch.randn(2, 40), 41)

@@ -17,8 +17,8 @@ from rstitch.local import LocalDeployment, free_port
 
 TAU = 0.3
 SERVICES = {"orchestrator": "rstitch-orchestrator", "slm": "rstitch-slm", "llm": "rstitch-llm"}
-ENGINE_CALLS = {"rstitch.v1.Engine/Prefill", "rstitch.v1.Engine/Decode", "rstitch.v1.Engine/Rollback",
-                "rstitch.v1.Engine/Release"}
+ENGINE_CALLS = {"rstitch.v1.Engine/Prefill", "rstitch.v1.Engine/Decode", "rstitch.v1.Engine/StreamSpan",
+                "rstitch.v1.Engine/Rollback", "rstitch.v1.Engine/Release"}
 
 
 def _value(any_value):
@@ -154,9 +154,10 @@ def test_one_trace_per_generation_with_every_switch(receiver, generation):
             assert parent_service == service and parent.kind == trace_pb2.Span.SPAN_KIND_SERVER
             inner.setdefault(parent.span_id, set()).add(s.name)
     for _, s in servers:
-        if s.name in ("rstitch.v1.Engine/Prefill", "rstitch.v1.Engine/Decode"):
+        if s.name in ("rstitch.v1.Engine/Prefill", "rstitch.v1.Engine/Decode", "rstitch.v1.Engine/StreamSpan"):
             assert {"engine.queue", "engine.decode"} <= inner[s.span_id]
-            assert ("engine.prefill" in inner[s.span_id]) == (s.name == "rstitch.v1.Engine/Prefill")
+            if s.name != "rstitch.v1.Engine/StreamSpan":  # a stream prefills when the engine lacks tokens
+                assert ("engine.prefill" in inner[s.span_id]) == (s.name == "rstitch.v1.Engine/Prefill")
 
     # Every switch is an event on the root, with what triggered it and what it cost.
     switches = [_attributes(e.attributes) for e in root.events if e.name == "rstitch.switch"]
@@ -206,7 +207,7 @@ def test_metrics_after_a_generation(deployment, generation):
 
     for role in ("slm", "llm"):
         engine = _scrape(deployment.metrics_ports[role])
-        assert _total(engine, "rstitch_rpc_seconds_count", method="rstitch.v1.Engine/Prefill", code="OK") >= 1
+        assert _total(engine, "rstitch_rpc_seconds_count", method="rstitch.v1.Engine/StreamSpan", code="OK") >= 1
         assert _total(engine, "rstitch_rpc_seconds_count", method="rstitch.v1.Engine/Release", code="OK") == 1
         labels = (("model", role),)
         assert engine[("rstitch_kv_capacity_tokens", labels)] > 0

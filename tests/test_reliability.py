@@ -45,12 +45,12 @@ def cluster(aof_redis, model_paths, tmp_path_factory):
             second.stop()
 
 
-def started(client: RStitchClient, options: dict, until_source: str | None = None):
-    """A stream that has delivered its Started event and first span (by `until_source`, if given),
-    and what it delivered."""
+def started(client: RStitchClient, options: dict, after_span_of: str | None = None):
+    """A stream that has delivered its Started event and first token (and, with `after_span_of`, a
+    whole span of that model: a token of the other model came after it), and what it delivered."""
     stream = client.stream(PROMPT, **options)
     got = _gather(islice(stream, 2), GenerationResult())
-    while until_source and until_source not in got.sources:
+    while after_span_of and not (after_span_of in got.sources[:-1] and got.sources[-1] != after_span_of):
         _gather(islice(stream, 1), got)
     return stream, got
 
@@ -72,7 +72,7 @@ def test_engine_killed_and_restarted_mid_session(cluster, victim):
     engine = getattr(deployment, victim)
     with RStitchClient(deployment.address) as client:
         want = client.generate(PROMPT, **ENTROPY)
-        stream, got = started(client, ENTROPY, until_source=victim)  # the engine holds the session
+        stream, got = started(client, ENTROPY, after_span_of=victim)  # the engine holds the session
         restart(engine)  # the orchestrator sees UNAVAILABLE, backs off, then NOT_FOUND: re-prefill
         _gather(stream, got)
     engine.wait()
@@ -104,6 +104,23 @@ def test_orchestrator_killed_client_resumes_on_another_replica(cluster):
     assert got.sources + rest.sources == want.sources
     assert [t for span in stored.spans for t in span.token_ids] == want.token_ids
     assert stored.status == opb.STATUS_FINISHED
+
+
+def test_resume_after_a_kill_mid_span_delivers_every_streamed_token_once(cluster):
+    """The client holds streamed tokens of a span the log does not have yet; Resume skips exactly those."""
+    deployment, second = cluster
+    slm_only = dict(policy="slm", max_new_tokens=300)  # one span: the whole answer
+    with RStitchClient(deployment.address) as first, RStitchClient(second.address) as other:
+        want = first.generate(PROMPT, **slm_only)
+        stream = first.stream(PROMPT, **slm_only)
+        got = _gather(islice(stream, 11), GenerationResult())  # Started and 10 tokens of the span
+        deployment.orchestrator.stop(sig_kill=True)
+        assert len(got.token_ids) == 10 and not other.session(got.session_id).spans  # nothing logged yet
+        rest = other.resume(got.session_id, len(got.token_ids))
+    deployment.orchestrator.start()
+    deployment.orchestrator.wait()
+    assert got.token_ids + rest.token_ids == want.token_ids  # nothing twice, nothing missing
+    assert "".join(text for _, text in got.pieces + rest.pieces) == want.text
 
 
 class KilledAfterFirstSpan(RStitchClient):

@@ -50,8 +50,8 @@ def test_a_killed_replica_moves_its_sessions_to_another(replicated):
         want = client.generate(PROMPT, **ENTROPY)
         stream = client.stream(PROMPT, **ENTROPY)
         got = _gather(islice(stream, 2), GenerationResult())
-        while "llm" not in got.sources:  # the LLM replica holds the session's cache now
-            _gather(islice(stream, 1), got)
+        while not ("llm" in got.sources[:-1] and got.sources[-1] == "slm"):  # an LLM span ended: the LLM
+            _gather(islice(stream, 1), got)                                # replica holds the session now
         holder = client.session(got.session_id).llm_replica
         victim = next(r for r in replicas if r.address == holder)
         victim.stop(sig_kill=True)

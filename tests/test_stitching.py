@@ -101,7 +101,11 @@ def test_the_store_holds_what_the_stream_delivered(orchestrator):
     started, deltas, finished = events[0].started, [e.delta for e in events[1:-1]], events[-1].finished
     stored = orchestrator.session(started.session_id)
     assert stored.status == opb.STATUS_FINISHED and stored.finish_reason == finished.finish_reason
-    assert list(stored.spans) == [d.span for d in deltas]
+    # One Delta per token, as the engines streamed them; the log keeps them per span.
+    assert all(len(d.span.token_ids) == 1 for d in deltas)
+    for field in ("token_ids", "entropies"):
+        assert [x for s in stored.spans for x in getattr(s, field)] == [getattr(d.span, field)[0] for d in deltas]
+    assert [s.source for s in stored.spans for _ in s.token_ids] == [d.span.source for d in deltas]
     assert stored.text == finished.text == "".join(d.text for d in deltas)
     assert stored.stats.slm_tokens == finished.stats.slm_tokens and stored.stats.switches == finished.stats.switches
 
@@ -112,8 +116,9 @@ def test_cancel_stops_at_the_next_span_boundary(orchestrator):
     assert orchestrator.cancel(session_id) == opb.STATUS_RUNNING
     rest = list(events)
     assert rest[-1].finished.finish_reason == opb.FINISH_REASON_CANCELLED
-    assert len(rest) == 2  # one span, then Finished
-    assert orchestrator.session(session_id).status == opb.STATUS_CANCELLED
+    stored = orchestrator.session(session_id)
+    assert len(stored.spans) == 1 and len(rest) == len(stored.spans[0].token_ids) + 1  # one span's tokens, Finished
+    assert stored.status == opb.STATUS_CANCELLED
     assert orchestrator.cancel(session_id) == opb.STATUS_CANCELLED  # no-op once finished
 
 

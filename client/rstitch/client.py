@@ -1,7 +1,7 @@
 """A small Python client for the orchestrator's gRPC API."""
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -34,15 +34,52 @@ class GenerationResult:
         return {k: v for k, v in self.__dict__.items() if k != "pieces"}
 
 
-def make_spec(prompt: str | Sequence[int], *, policy: str = "entropy", tau: float | None = None,
-              max_new_tokens: int = 0, raw: bool = False, slm_probability: float | None = None,
-              seed: int = 0, draft_tokens: int = 0, router: bytes = b"") -> opb.GenerationSpec:
-    """router: for policy "router", a router file's bytes (empty: the orchestrator's own router)."""
+# The policies each option applies to: make_spec (and so the CLI) refuses it with any other policy,
+# rather than sending a knob that would be silently ignored.
+POLICY_OPTIONS = {"tau": ("entropy", "router"), "slm_probability": ("random",), "seed": ("random",),
+                  "draft_tokens": ("spec",), "router": ("router",)}
+
+
+class OptionNotForPolicy(ValueError):
+    """An option given with a policy it does not apply to (see POLICY_OPTIONS)."""
+
+    def __init__(self, option: str, policy: str):
+        self.option, self.policy, self.policies = option, policy, POLICY_OPTIONS[option]
+        super().__init__(f"{option} applies to policy {' and '.join(self.policies)} only, not {policy}")
+
+
+def check_policy_options(policy: str, **options) -> None:
+    """Raises OptionNotForPolicy for an option of POLICY_OPTIONS given (not None) with another policy."""
+    for option, value in options.items():
+        if value is not None and policy not in POLICY_OPTIONS[option]:
+            raise OptionNotForPolicy(option, policy)
+
+
+def make_spec(prompt: str | Sequence[int] | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+              policy: str = "entropy", tau: float | None = None, max_new_tokens: int = 0, raw: bool = False,
+              stop_token_ids: Sequence[int] = (), slm_probability: float | None = None, seed: int | None = None,
+              draft_tokens: int | None = None, router: bytes | None = None) -> opb.GenerationSpec:
+    """The request for one generation; raises ValueError for one that cannot be made.
+
+    prompt: text (through the model's chat template unless raw) or token ids; or instead messages:
+    chat messages [{"role": "user", "content": "..."}, ...]. stop_token_ids: ids that end the answer
+    besides the model's EOS (finish reason "stop"). Policy knobs (None: not given, the server's
+    default): tau for entropy and router, slm_probability and seed for random, draft_tokens for
+    spec, router (a router file's bytes; b"": the orchestrator's own) for router. A knob given with
+    another policy raises OptionNotForPolicy.
+    """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw, seed=seed,
-                              draft_tokens=draft_tokens, router=router)
-    if isinstance(prompt, str):
+    check_policy_options(policy, tau=tau, slm_probability=slm_probability, seed=seed, draft_tokens=draft_tokens,
+                         router=router)
+    spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw,
+                              stop_token_ids=stop_token_ids, seed=seed or 0, draft_tokens=draft_tokens or 0,
+                              router=router or b"")
+    if (prompt is None) == (messages is None):
+        raise ValueError("give either a prompt (text or token ids) or messages")
+    if messages is not None:
+        spec.messages.messages.extend(opb.ChatMessage(**message) for message in messages)
+    elif isinstance(prompt, str):
         spec.text = prompt
     else:
         spec.token_ids.token_ids.extend(prompt)
@@ -71,12 +108,13 @@ class RStitchClient:
     def close(self):
         self._channel.close()
 
-    def stream(self, prompt, **options) -> Iterator[opb.GenerateResponse]:
+    def stream(self, prompt=None, **options) -> Iterator[opb.GenerateResponse]:
         """The raw event stream: Started, Delta per span, Finished."""
         return self._stub.Generate(opb.GenerateRequest(spec=make_spec(prompt, **options)), timeout=self.timeout)
 
-    def generate(self, prompt, reattach: int = 3, **options) -> GenerationResult:
-        """Stream one generation and gather it. Options: see make_spec.
+    def generate(self, prompt=None, reattach: int = 3, on_text=None, **options) -> GenerationResult:
+        """Stream one generation and gather it. Options: see make_spec. on_text(source, text), if given,
+        is called with each piece of text as it arrives ("slm" or "llm": the model that wrote it).
 
         If the stream breaks after the session started (its orchestrator replica died or lost the
         session to another one), the client attaches to the session again with Resume, up to
@@ -87,7 +125,7 @@ class RStitchClient:
         events = self.stream(prompt, **options)
         for attempt in range(reattach + 1):
             try:
-                return _gather(events, result)
+                return _gather(events, result, on_text)
             except grpc.RpcError as e:
                 if not result.session_id or e.code() not in REATTACH_CODES or attempt == reattach:
                     raise
@@ -103,7 +141,7 @@ class RStitchClient:
         request = opb.ResumeRequest(session_id=session_id, received_tokens=received_tokens)
         return self._stub.Resume(request, timeout=self.timeout)
 
-    def complete(self, prompt, **options) -> opb.Session:
+    def complete(self, prompt=None, **options) -> opb.Session:
         return self._stub.Complete(opb.CompleteRequest(spec=make_spec(prompt, **options)), timeout=self.timeout).session
 
     def session(self, session_id: str) -> opb.Session:
@@ -113,7 +151,7 @@ class RStitchClient:
         return self._stub.Cancel(opb.CancelRequest(session_id=session_id), timeout=self.timeout).status
 
 
-def _gather(events, result: GenerationResult) -> GenerationResult:
+def _gather(events, result: GenerationResult, on_text=None) -> GenerationResult:
     for event in events:
         kind = event.WhichOneof("event")
         if kind == "started":
@@ -126,12 +164,21 @@ def _gather(events, result: GenerationResult) -> GenerationResult:
             result.sources += [source] * len(span.token_ids)
             result.entropies += span.entropies
             result.pieces.append((source, event.delta.text))
+            if on_text is not None and event.delta.text:
+                on_text(source, event.delta.text)
         else:
             finished = event.finished
             result.text = finished.text
-            result.finish_reason = opb.FinishReason.Name(finished.finish_reason).removeprefix("FINISH_REASON_").lower()
+            result.finish_reason = finish_reason_name(finished.finish_reason)
             result.stats = stats_dict(finished.stats)
     return result
+
+
+def finish_reason_name(value: int) -> str:
+    """"eos", "stop", "max_new_tokens", ...: the enum's own name, so a reason added to the proto needs no
+    change here; a number this client's stubs do not know yet (a newer server) is shown as such."""
+    known = opb.FinishReason.DESCRIPTOR.values_by_number.get(value)
+    return known.name.removeprefix("FINISH_REASON_").lower() if known else f"finish_reason_{value}"
 
 
 def stats_dict(stats: opb.Stats) -> dict:

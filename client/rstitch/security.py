@@ -68,6 +68,37 @@ def channel(address: str, tls: ClientTLS | None = None, token: str | None = None
 # --- command-line flags, the same in every program ------------------------------------------------
 
 
+def readable_file(path: str) -> str:
+    """argparse type of a file flag: a file that can be read now, so a wrong path stops the program
+    with one line naming the flag, not at the first connection."""
+    try:
+        with open(path, "rb"):
+            return path
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _check_pem_files(parser: argparse.ArgumentParser, files: dict[str, str | None]) -> None:
+    """The files given to these flags are readable PEM files; checked once the pairs are complete, so that
+    a missing partner flag is the error shown first. (grpc itself takes any bytes, and fails much later.)"""
+    for flag, path in files.items():
+        if path is None:
+            continue
+        try:
+            readable_file(path)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument {flag}: {e}")
+        with open(path, "rb") as f:
+            if b"-----BEGIN " not in f.read():
+                parser.error(f"argument {flag}: {path!r} is not a PEM file (it has no -----BEGIN line)")
+
+
+def _server_name(name: str) -> str:
+    if not name or not name.isascii() or not name.isprintable() or " " in name:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a host name (ASCII, no spaces)")
+    return name
+
+
 def add_server_tls_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("TLS on the port this service listens on")
     g.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate (chain)")
@@ -78,11 +109,13 @@ def add_server_tls_args(parser: argparse.ArgumentParser) -> None:
 
 def server_credentials_from_args(parser: argparse.ArgumentParser, args) -> grpc.ServerCredentials | None:
     if args.tls_cert is None and args.tls_key is None:
-        if args.tls_client_ca:
+        if args.tls_client_ca is not None:
             parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
         return None
     try:
         _pair("--tls-cert", args.tls_cert, "--tls-key", args.tls_key)
+        _check_pem_files(parser, {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key,
+                                 "--tls-client-ca": args.tls_client_ca})
         return server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     except (ValueError, OSError) as e:
         parser.error(str(e))
@@ -94,7 +127,7 @@ def add_client_tls_args(parser: argparse.ArgumentParser, prefix: str = "", what:
     g.add_argument(f"--{prefix}tls-ca", metavar="FILE", help=f"use TLS and trust {what} if this PEM CA signed it")
     g.add_argument(f"--{prefix}tls-cert", metavar="FILE", help="mutual TLS: present this PEM client certificate")
     g.add_argument(f"--{prefix}tls-key", metavar="FILE", help="the client certificate's PEM private key")
-    g.add_argument(f"--{prefix}tls-server-name", metavar="NAME",
+    g.add_argument(f"--{prefix}tls-server-name", metavar="NAME", type=_server_name,
                    help="name the server's certificate must carry, when it differs from the address's host")
 
 
@@ -107,6 +140,7 @@ def client_tls_from_args(parser: argparse.ArgumentParser, args, prefix: str = ""
         return None
     try:
         _pair(f"--{prefix}tls-cert", cert, f"--{prefix}tls-key", key)
+        _check_pem_files(parser, {f"--{prefix}tls-ca": ca, f"--{prefix}tls-cert": cert, f"--{prefix}tls-key": key})
         tls = ClientTLS(ca, cert, key, name)
         tls.credentials()  # unreadable files are an error now, not at the first call
         return tls

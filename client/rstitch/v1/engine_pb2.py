@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rstitch/v1/engine.proto\x12\nrstitch.v1\"z\n\x08SpanRule\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x1e\n\x04gate\x18\x03 \x01(\x0e\x32\x10.rstitch.v1.Gate\x12\x0b\n\x03tau\x18\x04 \x01(\x02\x12\x15\n\rreturn_hidden\x18\x05 \x01(\x08\">\n\tCandidate\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\x12\x0e\n\x06hidden\x18\x03 \x01(\x0c\"Y\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x66orwards\x18\x03 \x01(\r\x12\x16\n\x0e\x66irst_token_ms\x18\x04 \x01(\x01\"\xbc\x01\n\x04Span\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x11\n\tentropies\x18\x02 \x03(\x02\x12(\n\tcandidate\x18\x03 \x01(\x0b\x32\x15.rstitch.v1.Candidate\x12+\n\x0bstop_reason\x18\x04 \x01(\x0e\x32\x16.rstitch.v1.StopReason\x12\x11\n\tcache_len\x18\x05 \x01(\r\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.rstitch.v1.Timings\"}\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\"\n\x04rule\x18\x04 \x01(\x0b\x32\x14.rstitch.v1.SpanRule\x12\x0e\n\x06verify\x18\x05 \x01(\x08\"e\n\x0fPrefillResponse\x12\x1e\n\x04span\x18\x01 \x01(\x0b\x32\x10.rstitch.v1.Span\x12\x18\n\x10greedy_token_ids\x18\x02 \x03(\r\x12\x18\n\x10greedy_entropies\x18\x03 \x03(\x02\"Y\n\rDecodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\"\n\x04rule\x18\x03 \x01(\x0b\x32\x14.rstitch.v1.SpanRule\"0\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x04span\x18\x01 \x01(\x0b\x32\x10.rstitch.v1.Span\"5\n\x0fRollbackRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\"%\n\x10RollbackResponse\x12\x11\n\tcache_len\x18\x01 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xdf\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x06 \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x13\n\x0bhidden_size\x18\r \x01(\r\x12\x14\n\x0ckv_evictions\x18\x0e \x01(\x04\x12/\n\rlatency_model\x18\x0f \x01(\x0b\x32\x18.rstitch.v1.LatencyModel\"[\n\x0cLatencyModel\x12\t\n\x01\x61\x18\x01 \x01(\x01\x12\t\n\x01\x62\x18\x02 \x01(\x01\x12\t\n\x01\x63\x18\x03 \x01(\x01\x12\t\n\x01\x64\x18\x04 \x01(\x01\x12\n\n\x02r2\x18\x05 \x01(\x01\x12\x13\n\x0bmeasured_on\x18\x06 \x01(\t\"\x15\n\x13GetTokenizerRequest\"\x95\x01\n\x14GetTokenizerResponse\x12:\n\x05\x66iles\x18\x01 \x03(\x0b\x32+.rstitch.v1.GetTokenizerResponse.FilesEntry\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01*L\n\x04Gate\x12\x14\n\x10GATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fGATE_STOP_ABOVE\x10\x01\x12\x19\n\x15GATE_STOP_AT_OR_BELOW\x10\x02*\x95\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x01\x12\x1a\n\x16STOP_REASON_STOP_TOKEN\x10\x02\x12\x1c\n\x18STOP_REASON_CONTEXT_FULL\x10\x03\x12\x14\n\x10STOP_REASON_GATE\x10\x04\x32\xa6\x03\n\x06\x45ngine\x12\x42\n\x07Prefill\x12\x1a.rstitch.v1.PrefillRequest\x1a\x1b.rstitch.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.rstitch.v1.DecodeRequest\x1a\x1a.rstitch.v1.DecodeResponse\x12\x45\n\x08Rollback\x12\x1b.rstitch.v1.RollbackRequest\x1a\x1c.rstitch.v1.RollbackResponse\x12\x42\n\x07Release\x12\x1a.rstitch.v1.ReleaseRequest\x1a\x1b.rstitch.v1.ReleaseResponse\x12\x39\n\x04Info\x12\x17.rstitch.v1.InfoRequest\x1a\x18.rstitch.v1.InfoResponse\x12Q\n\x0cGetTokenizer\x12\x1f.rstitch.v1.GetTokenizerRequest\x1a .rstitch.v1.GetTokenizerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rstitch/v1/engine.proto\x12\nrstitch.v1\"z\n\x08SpanRule\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x1e\n\x04gate\x18\x03 \x01(\x0e\x32\x10.rstitch.v1.Gate\x12\x0b\n\x03tau\x18\x04 \x01(\x02\x12\x15\n\rreturn_hidden\x18\x05 \x01(\x08\">\n\tCandidate\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\x12\x0e\n\x06hidden\x18\x03 \x01(\x0c\"Y\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x66orwards\x18\x03 \x01(\r\x12\x16\n\x0e\x66irst_token_ms\x18\x04 \x01(\x01\"\xbc\x01\n\x04Span\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x11\n\tentropies\x18\x02 \x03(\x02\x12(\n\tcandidate\x18\x03 \x01(\x0b\x32\x15.rstitch.v1.Candidate\x12+\n\x0bstop_reason\x18\x04 \x01(\x0e\x32\x16.rstitch.v1.StopReason\x12\x11\n\tcache_len\x18\x05 \x01(\r\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.rstitch.v1.Timings\"}\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\"\n\x04rule\x18\x04 \x01(\x0b\x32\x14.rstitch.v1.SpanRule\x12\x0e\n\x06verify\x18\x05 \x01(\x08\"e\n\x0fPrefillResponse\x12\x1e\n\x04span\x18\x01 \x01(\x0b\x32\x10.rstitch.v1.Span\x12\x18\n\x10greedy_token_ids\x18\x02 \x03(\r\x12\x18\n\x10greedy_entropies\x18\x03 \x03(\x02\"3\n\x0e\x43ommittedToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\"@\n\x11StreamSpanRequest\x12+\n\x07prefill\x18\x01 \x01(\x0b\x32\x1a.rstitch.v1.PrefillRequest\"w\n\x12StreamSpanResponse\x12+\n\x05token\x18\x01 \x01(\x0b\x32\x1a.rstitch.v1.CommittedTokenH\x00\x12+\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1b.rstitch.v1.PrefillResponseH\x00\x42\x07\n\x05\x65vent\"Y\n\rDecodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\"\n\x04rule\x18\x03 \x01(\x0b\x32\x14.rstitch.v1.SpanRule\"0\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x04span\x18\x01 \x01(\x0b\x32\x10.rstitch.v1.Span\"5\n\x0fRollbackRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\"%\n\x10RollbackResponse\x12\x11\n\tcache_len\x18\x01 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xdf\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x06 \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x13\n\x0bhidden_size\x18\r \x01(\r\x12\x14\n\x0ckv_evictions\x18\x0e \x01(\x04\x12/\n\rlatency_model\x18\x0f \x01(\x0b\x32\x18.rstitch.v1.LatencyModel\"[\n\x0cLatencyModel\x12\t\n\x01\x61\x18\x01 \x01(\x01\x12\t\n\x01\x62\x18\x02 \x01(\x01\x12\t\n\x01\x63\x18\x03 \x01(\x01\x12\t\n\x01\x64\x18\x04 \x01(\x01\x12\n\n\x02r2\x18\x05 \x01(\x01\x12\x13\n\x0bmeasured_on\x18\x06 \x01(\t\"\x15\n\x13GetTokenizerRequest\"\x95\x01\n\x14GetTokenizerResponse\x12:\n\x05\x66iles\x18\x01 \x03(\x0b\x32+.rstitch.v1.GetTokenizerResponse.FilesEntry\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01*L\n\x04Gate\x12\x14\n\x10GATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fGATE_STOP_ABOVE\x10\x01\x12\x19\n\x15GATE_STOP_AT_OR_BELOW\x10\x02*\x95\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x01\x12\x1a\n\x16STOP_REASON_STOP_TOKEN\x10\x02\x12\x1c\n\x18STOP_REASON_CONTEXT_FULL\x10\x03\x12\x14\n\x10STOP_REASON_GATE\x10\x04\x32\xf5\x03\n\x06\x45ngine\x12\x42\n\x07Prefill\x12\x1a.rstitch.v1.PrefillRequest\x1a\x1b.rstitch.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.rstitch.v1.DecodeRequest\x1a\x1a.rstitch.v1.DecodeResponse\x12M\n\nStreamSpan\x12\x1d.rstitch.v1.StreamSpanRequest\x1a\x1e.rstitch.v1.StreamSpanResponse0\x01\x12\x45\n\x08Rollback\x12\x1b.rstitch.v1.RollbackRequest\x1a\x1c.rstitch.v1.RollbackResponse\x12\x42\n\x07Release\x12\x1a.rstitch.v1.ReleaseRequest\x1a\x1b.rstitch.v1.ReleaseResponse\x12\x39\n\x04Info\x12\x17.rstitch.v1.InfoRequest\x1a\x18.rstitch.v1.InfoResponse\x12Q\n\x0cGetTokenizer\x12\x1f.rstitch.v1.GetTokenizerRequest\x1a .rstitch.v1.GetTokenizerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._loaded_options = None
   _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_options = b'8\001'
-  _globals['_GATE']._serialized_start=1686
-  _globals['_GATE']._serialized_end=1762
-  _globals['_STOPREASON']._serialized_start=1765
-  _globals['_STOPREASON']._serialized_end=1914
+  _globals['_GATE']._serialized_start=1926
+  _globals['_GATE']._serialized_end=2002
+  _globals['_STOPREASON']._serialized_start=2005
+  _globals['_STOPREASON']._serialized_end=2154
   _globals['_SPANRULE']._serialized_start=39
   _globals['_SPANRULE']._serialized_end=161
   _globals['_CANDIDATE']._serialized_start=163
@@ -49,30 +49,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_end=634
   _globals['_PREFILLRESPONSE']._serialized_start=636
   _globals['_PREFILLRESPONSE']._serialized_end=737
-  _globals['_DECODEREQUEST']._serialized_start=739
-  _globals['_DECODEREQUEST']._serialized_end=828
-  _globals['_DECODERESPONSE']._serialized_start=830
-  _globals['_DECODERESPONSE']._serialized_end=878
-  _globals['_ROLLBACKREQUEST']._serialized_start=880
-  _globals['_ROLLBACKREQUEST']._serialized_end=933
-  _globals['_ROLLBACKRESPONSE']._serialized_start=935
-  _globals['_ROLLBACKRESPONSE']._serialized_end=972
-  _globals['_RELEASEREQUEST']._serialized_start=974
-  _globals['_RELEASEREQUEST']._serialized_end=1010
-  _globals['_RELEASERESPONSE']._serialized_start=1012
-  _globals['_RELEASERESPONSE']._serialized_end=1047
-  _globals['_INFOREQUEST']._serialized_start=1049
-  _globals['_INFOREQUEST']._serialized_end=1062
-  _globals['_INFORESPONSE']._serialized_start=1065
-  _globals['_INFORESPONSE']._serialized_end=1416
-  _globals['_LATENCYMODEL']._serialized_start=1418
-  _globals['_LATENCYMODEL']._serialized_end=1509
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=1511
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=1532
-  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1535
-  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1684
-  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_start=1640
-  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_end=1684
-  _globals['_ENGINE']._serialized_start=1917
-  _globals['_ENGINE']._serialized_end=2339
+  _globals['_COMMITTEDTOKEN']._serialized_start=739
+  _globals['_COMMITTEDTOKEN']._serialized_end=790
+  _globals['_STREAMSPANREQUEST']._serialized_start=792
+  _globals['_STREAMSPANREQUEST']._serialized_end=856
+  _globals['_STREAMSPANRESPONSE']._serialized_start=858
+  _globals['_STREAMSPANRESPONSE']._serialized_end=977
+  _globals['_DECODEREQUEST']._serialized_start=979
+  _globals['_DECODEREQUEST']._serialized_end=1068
+  _globals['_DECODERESPONSE']._serialized_start=1070
+  _globals['_DECODERESPONSE']._serialized_end=1118
+  _globals['_ROLLBACKREQUEST']._serialized_start=1120
+  _globals['_ROLLBACKREQUEST']._serialized_end=1173
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1175
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1212
+  _globals['_RELEASEREQUEST']._serialized_start=1214
+  _globals['_RELEASEREQUEST']._serialized_end=1250
+  _globals['_RELEASERESPONSE']._serialized_start=1252
+  _globals['_RELEASERESPONSE']._serialized_end=1287
+  _globals['_INFOREQUEST']._serialized_start=1289
+  _globals['_INFOREQUEST']._serialized_end=1302
+  _globals['_INFORESPONSE']._serialized_start=1305
+  _globals['_INFORESPONSE']._serialized_end=1656
+  _globals['_LATENCYMODEL']._serialized_start=1658
+  _globals['_LATENCYMODEL']._serialized_end=1749
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1751
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1772
+  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1775
+  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1924
+  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_start=1880
+  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_end=1924
+  _globals['_ENGINE']._serialized_start=2157
+  _globals['_ENGINE']._serialized_end=2658
 # @@protoc_insertion_point(module_scope)

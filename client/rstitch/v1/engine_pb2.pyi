@@ -105,6 +105,28 @@ class PrefillResponse(_message.Message):
     greedy_entropies: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., greedy_token_ids: _Optional[_Iterable[int]] = ..., greedy_entropies: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class CommittedToken(_message.Message):
+    __slots__ = ("token_id", "entropy")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    entropy: float
+    def __init__(self, token_id: _Optional[int] = ..., entropy: _Optional[float] = ...) -> None: ...
+
+class StreamSpanRequest(_message.Message):
+    __slots__ = ("prefill",)
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    prefill: PrefillRequest
+    def __init__(self, prefill: _Optional[_Union[PrefillRequest, _Mapping]] = ...) -> None: ...
+
+class StreamSpanResponse(_message.Message):
+    __slots__ = ("token", "done")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    token: CommittedToken
+    done: PrefillResponse
+    def __init__(self, token: _Optional[_Union[CommittedToken, _Mapping]] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ...) -> None: ...
+
 class DecodeRequest(_message.Message):
     __slots__ = ("session_id", "base_len", "rule")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,11 @@ class EngineStub:
                 request_serializer=rstitch_dot_v1_dot_engine__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=rstitch_dot_v1_dot_engine__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.StreamSpan = channel.unary_stream(
+                '/rstitch.v1.Engine/StreamSpan',
+                request_serializer=rstitch_dot_v1_dot_engine__pb2.StreamSpanRequest.SerializeToString,
+                response_deserializer=rstitch_dot_v1_dot_engine__pb2.StreamSpanResponse.FromString,
+                _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/rstitch.v1.Engine/Rollback',
                 request_serializer=rstitch_dot_v1_dot_engine__pb2.RollbackRequest.SerializeToString,
@@ -80,6 +85,15 @@ class EngineServicer:
     def Decode(self, request, context):
         """Decodes a span from the cache as it is. Valid only when the engine still holds the next-token
         distribution of the cache's end (after a gated stop or a prefill with max_tokens = 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamSpan(self, request, context):
+        """Prefill (or, with no token_ids on an existing session, Decode) whose committed tokens leave the
+        engine as they are decoded: one event per committed token, then one with the whole response
+        (its span repeats every token). A gated candidate is never streamed: it is not committed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +138,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=rstitch_dot_v1_dot_engine__pb2.DecodeRequest.FromString,
                     response_serializer=rstitch_dot_v1_dot_engine__pb2.DecodeResponse.SerializeToString,
+            ),
+            'StreamSpan': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamSpan,
+                    request_deserializer=rstitch_dot_v1_dot_engine__pb2.StreamSpanRequest.FromString,
+                    response_serializer=rstitch_dot_v1_dot_engine__pb2.StreamSpanResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
@@ -200,6 +219,33 @@ class Engine:
             '/rstitch.v1.Engine/Decode',
             rstitch_dot_v1_dot_engine__pb2.DecodeRequest.SerializeToString,
             rstitch_dot_v1_dot_engine__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSpan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rstitch.v1.Engine/StreamSpan',
+            rstitch_dot_v1_dot_engine__pb2.StreamSpanRequest.SerializeToString,
+            rstitch_dot_v1_dot_engine__pb2.StreamSpanResponse.FromString,
             options,
             channel_credentials,
             insecure,

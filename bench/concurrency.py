@@ -1,0 +1,192 @@
+"""Throughput and latency under concurrent streamed sessions, per backend and policy, side by side.
+
+    python bench/concurrency.py [--backends hf vllm] [--policies llm entropy spec]
+                                [--concurrency 1 4 16 64] [--requests 2] [--rounds 3] [--out docs]
+
+Starts one split deployment per backend at once (both engine services, the orchestrator and a
+private redis-server, as separate processes, the trained default pair), then runs interleaved
+rounds: in each round every (backend, policy, concurrency) cell, in an order shuffled per round,
+opens `concurrency` client threads that each stream `requests` generations back to back on
+held-out problems. Per cell: tokens/s (answer tokens over the cell's wall time), time to first
+token and inter-token latency (client side, per Delta) p50/p99, accuracy. Reported: the median
+over rounds, with the min-max spread of tokens/s. Writes concurrency.md/.json/.png under --out.
+"""
+
+import argparse
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from rstitch import RStitchClient
+from rstitch.local import LocalDeployment
+from training.task import heldout, score
+
+TAU = 0.05  # the orchestrator's default (docs/tradeoff.md)
+
+
+def one_generation(client, problem, policy: str, max_new_tokens: int) -> dict:
+    started = last = time.monotonic()
+    record = {"tokens": 0, "ttft_s": None, "gaps_s": [], "correct": False, "error": None}
+    try:
+        for event in client.stream(problem.question, policy=policy, max_new_tokens=max_new_tokens,
+                                   **({"tau": TAU} if policy == "entropy" else {})):
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                now = time.monotonic()
+                if record["ttft_s"] is None:
+                    record["ttft_s"] = now - started
+                else:
+                    record["gaps_s"].append(now - last)
+                last = now
+                record["tokens"] += len(event.delta.span.token_ids)
+            elif kind == "finished":
+                record["correct"] = score(event.finished.text, problem)
+    except grpc.RpcError as e:
+        record["error"] = f"{e.code().name}: {e.details()}"
+    return record
+
+
+def run_cell(address: str, policy: str, concurrency: int, requests: int, problems, seed: int, max_new: int) -> dict:
+    rng = random.Random(seed)
+    work = [[rng.choice(problems) for _ in range(requests)] for _ in range(concurrency)]
+    records: list[dict] = []
+
+    def session(mine):
+        with RStitchClient(address, timeout=600) as client:
+            for problem in mine:
+                records.append(one_generation(client, problem, policy, max_new))
+
+    threads = [threading.Thread(target=session, args=(mine,)) for mine in work]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    ok = [r for r in records if not r["error"]]
+    ttft = [r["ttft_s"] * 1e3 for r in ok if r["ttft_s"] is not None]
+    gaps = [g * 1e3 for r in ok for g in r["gaps_s"]]
+    return {"tokens_per_s": sum(r["tokens"] for r in ok) / wall, "wall_s": wall, "generations": len(records),
+            "errors": sorted({r["error"] for r in records if r["error"]}),
+            "accuracy": 100 * statistics.fmean(r["correct"] for r in ok) if ok else None,
+            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)}}
+
+
+def pct(values, p):  # nearest rank
+    return sorted(values)[max(0, math.ceil(p / 100 * len(values)) - 1)] if values else None
+
+
+def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, str]:
+    addresses = {}
+    for backend in backends:
+        engine = ["--backend", backend, "--kv-budget-mb", "64"]
+        (log_root / backend).mkdir()
+        d = stack.enter_context(LocalDeployment(slm_args=engine, llm_args=engine, log_dir=log_root / backend,
+                                                orchestrator_args=["--max-sessions", "128", "--max-queue", "128"]))
+        addresses[backend] = d.address
+    return addresses
+
+
+def summarize(results: dict) -> dict:
+    """The median over rounds of each metric, per cell; tokens/s also min and max."""
+    table = {}
+    for cell, rounds in results.items():
+        median = lambda key, sub=None: statistics.median(  # noqa: E731
+            [r[key][sub] if sub else r[key] for r in rounds if (r[key][sub] if sub else r[key]) is not None] or [math.nan])
+        speeds = [r["tokens_per_s"] for r in rounds]
+        table[cell] = {"tokens_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
+                       "accuracy": median("accuracy"), "ttft_p50": median("ttft_ms", "p50"),
+                       "ttft_p99": median("ttft_ms", "p99"), "itl_p50": median("itl_ms", "p50"),
+                       "itl_p99": median("itl_ms", "p99"), "errors": sum(len(r["errors"]) for r in rounds)}
+    return table
+
+
+def write_markdown(table: dict, args, path: Path) -> None:
+    lines = ["# Concurrency: tokens/s and latency under concurrent streamed sessions", "",
+             f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC); "
+             f"split deployment with Redis, trained pair, {args.requests} generations per session, {args.rounds} "
+             "interleaved rounds, median (min-max of tokens/s). Client-side times per Delta.", "",
+             "| backend | policy | sessions | tokens/s | x 1 session | x LLM-only | TTFT p50/p99 ms | ITL p50/p99 ms "
+             "| accuracy % | errors |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for (backend, policy, c), row in sorted(table.items()):
+        one = table.get((backend, policy, args.concurrency[0]), {}).get("tokens_per_s", math.nan)
+        llm = table.get((backend, "llm", c), {}).get("tokens_per_s", math.nan)
+        lines.append(f"| {backend} | {policy} | {c} | {row['tokens_per_s']:.0f} ({row['min']:.0f}-{row['max']:.0f}) "
+                     f"| {row['tokens_per_s'] / one:.2f} | {row['tokens_per_s'] / llm:.2f} | {row['ttft_p50']:.0f} / "
+                     f"{row['ttft_p99']:.0f} | {row['itl_p50']:.1f} / {row['itl_p99']:.1f} | {row['accuracy']:.1f} "
+                     f"| {row['errors']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(table: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.backends), figsize=(6 * len(args.backends), 4.5), squeeze=False)
+    for ax, backend in zip(axes[0], args.backends):
+        for policy in args.policies:
+            rows = [table[(backend, policy, c)] for c in args.concurrency]
+            ax.errorbar(args.concurrency, [r["tokens_per_s"] for r in rows], marker="o", label=policy, capsize=3,
+                        yerr=[[r["tokens_per_s"] - r["min"] for r in rows], [r["max"] - r["tokens_per_s"] for r in rows]])
+        ax.set(xscale="log", xlabel="concurrent sessions", ylabel="answer tokens/s", title=f"backend {backend}")
+        ax.set_xticks(args.concurrency, [str(c) for c in args.concurrency])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
+    p.add_argument("--policies", nargs="+", default=["llm", "entropy", "spec"])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument("--requests", type=int, default=2, help="generations each session streams back to back")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("docs"))
+    args = p.parse_args(argv)
+    problems = heldout(200)
+    cells = [(b, pol, c) for b in args.backends for pol in args.policies for c in args.concurrency]
+    results: dict = {cell: [] for cell in cells}
+    with ExitStack() as stack:
+        addresses = deployments(stack, args.backends, Path(stack.enter_context(_tmpdir())))
+        rng = random.Random(args.seed)
+        with tqdm(total=len(cells) * args.rounds, desc="cells") as bar:
+            for round_ in range(args.rounds):
+                for cell in rng.sample(cells, len(cells)):
+                    backend, policy, c = cell
+                    results[cell].append(run_cell(addresses[backend], policy, c, args.requests, problems,
+                                                  args.seed + round_, args.max_new_tokens))
+                    bar.update()
+    table = summarize(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "concurrency.json").write_text(json.dumps(
+        {"command": " ".join(["python", *sys.argv]), "cells": {"/".join(map(str, k)): v for k, v in results.items()}},
+        indent=1))
+    write_markdown(table, args, args.out / "concurrency.md")
+    plot(table, args, args.out / "concurrency.png")
+    print((args.out / "concurrency.md").read_text())
+
+
+def _tmpdir():
+    import tempfile
+    return tempfile.TemporaryDirectory(prefix="rstitch-concurrency-")
+
+
+if __name__ == "__main__":
+    main()
