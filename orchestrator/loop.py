@@ -303,7 +303,10 @@ def roll_back(engine, progress: Progress, role: int, length: int, budget: Budget
     held = progress.synced[role] if engine_len is None else engine_len
     if held > length:
         req = epb.RollbackRequest(session_id=progress.session_id, length=length)
-        finished(retrying(lambda timeout: engine.rollback(req, timeout=timeout), budget))
+        try:
+            finished(retrying(lambda timeout: engine.rollback(req, timeout=timeout), budget))
+        except SessionNotFound:  # evicted since its last call: it holds nothing, and is prefilled next time
+            held = 0
     progress.synced[role] = min(held, length)
 
 

@@ -5,7 +5,10 @@ import torch
 
 from engine.default_models import build_tokenizer
 from orchestrator.loop import Budget, Progress, stitch
+from orchestrator.engine_client import LocalEngineClient
 from orchestrator.policies import LLM, SLM, EntropyPolicy
+from orchestrator.service import Orchestrator
+from orchestrator.store import MemorySessionStore
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
@@ -207,3 +210,22 @@ def test_extremes_on_the_trained_default_pair():
         session, slm_only, _, _ = run(orchestrator, problem.question, opb.POLICY_SLM)
         assert slm_only == hf_greedy(engines["slm"], list(session.prompt_token_ids))
         assert run(orchestrator, problem.question, opb.POLICY_ENTROPY, tau=1.0)[1] == slm_only
+
+
+class EvictedBeforeEachRollback(LocalEngineClient):
+    """An engine that lost the session (evicted under KV pressure) just before every rollback."""
+
+    def rollback(self, req, timeout=None):
+        self.engine.release(epb.ReleaseRequest(session_id=req.session_id))
+        return super().rollback(req, timeout)
+
+
+def test_speculation_survives_a_session_evicted_before_its_rollback(engines):
+    spec = opb.GenerationSpec(text=PROMPTS[1], policy=opb.POLICY_SPEC, max_new_tokens=40)
+    plain = Orchestrator(LocalEngineClient(engines["slm"]), LocalEngineClient(engines["llm"]), MemorySessionStore())
+    evicting = Orchestrator(EvictedBeforeEachRollback(engines["slm"]), EvictedBeforeEachRollback(engines["llm"]),
+                            MemorySessionStore())
+    want, got = plain.complete(spec), evicting.complete(spec)
+    assert got.status == opb.STATUS_FINISHED, got.error
+    assert [t for s in got.spans for t in s.token_ids] == [t for s in want.spans for t in s.token_ids]
+    assert got.stats.llm_prefill_tokens > want.stats.llm_prefill_tokens  # re-prefilled after each loss
