@@ -90,7 +90,7 @@ def pct(values, p):  # nearest rank
 def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, str]:
     addresses = {}
     for backend in backends:
-        engine = ["--backend", backend, "--kv-budget-mb", "64"]
+        engine = ["--backend", backend, "--kv-budget-mb", "256"]  # room for 64 sessions of a full context (hf: one slot each)
         (log_root / backend).mkdir()
         d = stack.enter_context(LocalDeployment(slm_args=engine, llm_args=engine, log_dir=log_root / backend,
                                                 orchestrator_args=["--max-sessions", "128", "--max-queue", "128"]))
