@@ -11,7 +11,6 @@ import pytest
 from engine import latency
 from engine.hf import HFEngine
 from engine.latency import LatencyModel
-from rstitch.v1 import engine_pb2 as pb
 
 
 def test_fit_recovers_the_coefficients_of_eq_5():

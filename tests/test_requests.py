@@ -13,8 +13,6 @@ from orchestrator.router import Router
 from orchestrator.service import Orchestrator
 from orchestrator.store import MemorySessionStore
 from rstitch.local import LocalDeployment
-from rstitch.v1 import engine_pb2 as epb
-from rstitch.v1 import engine_pb2_grpc
 from rstitch.v1 import orchestrator_pb2 as opb
 from rstitch.v1 import orchestrator_pb2_grpc
 
