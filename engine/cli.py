@@ -4,11 +4,13 @@ import argparse
 import logging
 import os
 
+from common import flags, telemetry
+from common.grpc_server import serve_until_signalled, start_server
 from rstitch.security import add_server_tls_args, server_credentials_from_args
 from rstitch.v1 import engine_pb2_grpc
 
-from . import checkpoints, flags, telemetry
-from .grpc_server import serve_until_signalled, start_server
+from . import checkpoints
+from .metrics import EngineCollector
 from .servicer import SERVICE_NAME, EngineServicer
 
 DEFAULT_PORTS = {"slm": 50051, "llm": 50052}
@@ -51,8 +53,10 @@ def make_parser(role: str) -> flags.Parser:
                         "(0: as many as the KV budget holds)")
     p.add_argument("--max-calls", type=flags.integer(1), default=64,
                    help="Prefill/Decode calls in flight (sharing the model); past it RESOURCE_EXHAUSTED, retryable")
-    p.add_argument("--threads", type=flags.integer(1, MAX_TORCH_THREADS),
-                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=flags.integer(1, MAX_TORCH_THREADS), default=1,
+                   help="torch intra-op threads of the thread that runs the hf backend's forwards; 1 suits small "
+                        "models on a few cores, where each extra thread costs more in wake-ups than it gives "
+                        "(docs/concurrency.md); raise it for large models on many cores")
     p.add_argument("--workers", type=flags.integer(0), default=0, help="gRPC worker threads (0: max calls + 8)")
     add_server_tls_args(p)
     telemetry.add_telemetry_args(p)
@@ -77,8 +81,6 @@ def build_engine(role: str, args: argparse.Namespace):
     kind = torch.device(args.device).type
     if kind != "cpu" and not getattr(torch, kind).is_available():  # else torch fails later, with an AssertionError
         raise ValueError(f"--device {args.device}: this torch sees no {kind} device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.gpu_memory_fraction and kind == "cuda":
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction, torch.device(args.device))
     model = args.model or default_model_path(role)
@@ -90,7 +92,7 @@ def build_engine(role: str, args: argparse.Namespace):
                           max_calls=args.max_calls)
     return HFEngine(model, role=role, device=args.device, dtype=args.dtype, kv_budget_mb=args.kv_budget_mb,
                     max_context=args.max_context, model_id=args.model_id, max_sessions=args.max_sessions,
-                    max_calls=args.max_calls)
+                    max_calls=args.max_calls, threads=args.threads)
 
 
 def main(role: str, argv=None) -> None:
@@ -105,7 +107,7 @@ def main(role: str, argv=None) -> None:
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         flags.exit_on_failure(service, f"cannot start the engine: {e}")
     try:
-        telemetry.serve_metrics(args.host, args.metrics_port, telemetry.EngineCollector(engine))
+        telemetry.serve_metrics(args.host, args.metrics_port, EngineCollector(engine))
     except OSError as e:
         flags.exit_on_failure(service, e)
     try:

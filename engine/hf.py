@@ -1,8 +1,9 @@
 """The hf backend: transformers + PyTorch, batched steps over one KV pool, exact rollback.
 
-Every session owns a slot of the engine's KV pool (engine/kv_pool.py); its span loop runs on the
-calling thread, one token at a time, but each forward it needs rides in the step the BatchedRunner
-(engine/scheduler.py) runs over all sessions that have work: concurrent spans share forwards.
+Every session owns a slot of the engine's KV pool (engine/kv_pool.py). A span runs in the
+BatchedRunner's step loop (engine/scheduler.py): its prefill and each of its decode tokens ride in
+the same forwards as every other session's, and all the tokens chosen in a step are chosen in one
+batched call; the calling thread only waits for the span's end (or reads its streamed tokens).
 """
 
 import logging
@@ -13,17 +14,17 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from common import telemetry
+from common.errors import InvalidRequest
 from rstitch.v1 import engine_pb2 as pb
 
-from . import checkpoints, latency, telemetry
-from .backend import Engine
-from .checkpoints import kv_bytes_per_token, torch_dtype
+from . import checkpoints, sampling
+from .backend import Engine, ModelFacts, SpanCall, row_request
 from .entropy import greedy_with_entropy
-from .errors import CacheMismatch
 from .kv_pool import KVPool, cache_kwarg
-from .scheduler import BatchedRunner
+from .scheduler import BatchedRunner, SpanRun
 from .sessions import Session
-from .span import judge
+from .span import SpanBuilder
 
 log = logging.getLogger(__name__)
 
@@ -37,145 +38,97 @@ class CacheState:
     next_hidden: torch.Tensor | None = None
 
 
-class SpanClock:
-    """One call's timings (perf_counter seconds), and its trace spans: the wait for the model before
-    the first forward, the prefill forward, the span decode."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.queue = 0.0
-        self.forwards = 0
-        self.first_wait = (self.start, self.start)  # (waiting since, got the model) before the first forward
-        self.first_token = 0.0  # seconds into the call when its first token was chosen
-
-    def token_chosen(self) -> None:
-        if not self.first_token:
-            self.first_token = time.perf_counter() - self.start
-
-    def trace(self, name: str, start: float, end: float, **attributes) -> None:
-        if telemetry.tracing_enabled():
-            to_ns = time.time_ns() - time.perf_counter_ns()
-            telemetry.record_span(name, int(start * 1e9) + to_ns, int(end * 1e9) + to_ns, **attributes)
-
-    def timings(self) -> pb.Timings:
-        total = time.perf_counter() - self.start
-        return pb.Timings(queue_ms=self.queue * 1e3, forward_ms=(total - self.queue) * 1e3, forwards=self.forwards,
-                          first_token_ms=self.first_token * 1e3)
-
-
 class HFEngine(Engine):
     backend = "hf"
 
-    def __init__(self, model_path, *, role: str, device: str = "cpu", dtype: str = "float32",
-                 kv_budget_mb: float = 1024, max_context: int | None = None, model_id: str | None = None,
-                 max_sessions: int = 0, max_calls: int = 64):
-        self.tokenizer = checkpoints.load_tokenizer(model_path)
-        self.model = checkpoints.load_model(model_path, torch_dtype(dtype), device)
-        self.device, self.dtype = device, dtype
-        self.model_id = model_id or str(model_path)
-        _check_rollback_support(self.model, str(model_path))
-        vocab = checkpoints.served_vocabulary(self.tokenizer, self.model.generation_config,
-                                              _output_rows(self.model, device), str(model_path))
-        config = self.model.config.get_text_config()
-        context = config.max_position_embeddings
-        if max_context:
-            context = min(context, max_context)
-        self.kv_bytes_per_token = kv_bytes_per_token(config, self.model.dtype)
-        super().__init__(role=role, vocab_size=vocab.size, max_context=context,
-                         kv_capacity_tokens=int(kv_budget_mb * 2**20 // self.kv_bytes_per_token),
-                         max_sessions=max_sessions, max_calls=max_calls)
-        self.hidden_size = config.hidden_size
-        self.latency_model = latency.stored_proto(model_path, self.backend, device, dtype)
-        self.eos_token_ids = vocab.eos_token_ids
-        self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer, vocab.size)
-        self._tokenizer_files = checkpoints.tokenizer_files(self.tokenizer)
-        self.pool = KVPool.for_model(self.model, budget_tokens=self.sessions.capacity, max_context=context)
-        self.runner = BatchedRunner(self.model, self.pool)
+    def __init__(self, model_path, *, max_sessions: int = 0, threads: int | None = None, **kwargs):
+        """threads: torch intra-op threads of the runner's thread (None: torch's choice)."""
+        super().__init__(model_path, max_sessions=max_sessions, **kwargs)
+        self.pool = KVPool.for_model(self.model, budget_tokens=self.sessions.capacity, max_context=self.max_context)
+        self.runner = BatchedRunner(self.model, self.pool, choose=self._choose, threads=threads)
         # One slot per session: past the pool's slots the least recently used idle session is evicted.
         self.sessions.max_sessions = min(max_sessions or self.pool.slots, self.pool.slots)
         self.sessions.on_remove = self._free_slot
         log.info("%s engine: %s on %s/%s, vocab %d, context %d, KV budget %d tokens (%d B/token) in %d slots",
-                 role, self.model_id, device, dtype, self.vocab_size, self.max_context, self.sessions.capacity,
-                 self.kv_bytes_per_token, self.pool.slots)
+                 self.role, self.model_id, self.device, self.dtype, self.vocab_size, self.max_context,
+                 self.sessions.capacity, self.kv_bytes_per_token, self.pool.slots)
 
-    def _forward(self, session: Session, tokens: list[int], clock: SpanClock, *, all_positions=False, hidden=False):
-        """Feed `tokens` at the session's end, in whichever step the runner takes them into; the
-        logits after each (all_positions) or after the last, and the last hidden state if asked."""
-        self.sessions.grow(session, len(tokens))
-        if session.state is None:
-            session.state = CacheState(self.pool.allocate())
-        submitted = time.perf_counter()
-        result = self.runner.forward(session.state.slot, session.length - len(tokens), tokens,
-                                     all_logits=all_positions, hidden=hidden)
-        clock.queue += result.queued_s  # waiting for a step to take the tokens in (other sessions' forwards)
-        if clock.forwards == 0:
-            clock.first_wait = (submitted, submitted + result.queued_s)
-            clock.trace("engine.queue", *clock.first_wait)
-        clock.forwards += 1
-        return result.logits, result.hidden
+    def _load(self, model_path) -> ModelFacts:
+        self.model = checkpoints.load_model(model_path, checkpoints.torch_dtype(self.dtype), self.device)
+        _check_rollback_support(self.model, str(model_path))
+        return ModelFacts(self.model.config.get_text_config(), self.model.generation_config,
+                          _output_rows(self.model, self.device))
+
+    def _choose(self, logits: torch.Tensor, runs: list[SpanRun]) -> sampling.Choice:
+        return sampling.choose(logits, self.vocab_size, [row_request(run.builder) for run in runs])
+
+    def _begin(self, call: SpanCall) -> None:
+        session, tokens = call.session, call.tokens
+        if not tokens and (session.state is None or session.state.next_logits is None):
+            raise self.nothing_to_decode(session)
+        if tokens:
+            self.sessions.grow(session, len(tokens))
+            if session.state is None:
+                session.state = CacheState(self.pool.allocate())
+        state: CacheState = session.state
+        run = SpanRun(SpanBuilder(call.rule, session.length, self.max_context, call.on_token),
+                      reserve=lambda: self.sessions.grow(session, 1), return_hidden=call.rule.return_hidden,
+                      cancelled=call.cancelled)
+        if not tokens:
+            run.logits, run.hidden = state.next_logits, state.next_hidden
+        state.next_logits = state.next_hidden = None  # the span owns the cache's end now
+        future = self.runner.submit_span(state.slot, session.length - len(tokens), tokens, run,
+                                         all_logits=call.verify)
+        future.add_done_callback(lambda done: self._ended(call, done))
+
+    def _ended(self, call: SpanCall, done) -> None:
+        """On the runner's thread, when the span has ended: the call's response (or error)."""
+        try:
+            call.future.set_result(self._response(call, done.result()))
+        except ValueError as e:  # what the request's drafts made impossible
+            call.future.set_exception(InvalidRequest(str(e)))
+        except BaseException as e:  # noqa: BLE001 - the caller raises it; nothing may leave it waiting
+            call.future.set_exception(e)
+
+    def _response(self, call: SpanCall, run: SpanRun) -> pb.PrefillResponse:
+        """The response, and what the session keeps."""
+        span, state = run.builder.span, call.session.state
+        if run.builder.fresh:
+            state.next_logits, state.next_hidden = run.logits, run.hidden
+        span.cache_len = call.session.length
+        span.timings.CopyFrom(_timings(run))
+        response = pb.PrefillResponse(span=span)
+        if call.verify:
+            self._verified(call, run.prefill_logits, response)
+        _trace(run, len(call.tokens), span, call.trace_context)
+        return response
+
+    def _verified(self, call: SpanCall, logits: torch.Tensor, response: pb.PrefillResponse) -> None:
+        """The greedy choice after each appended token; with drafts, speculative sampling's outcome."""
+        greedy, entropies = greedy_with_entropy(logits, self.vocab_size)
+        response.greedy_token_ids.extend(greedy)
+        response.greedy_entropies.extend(entropies)
+        rule = call.rule
+        if not call.drafts:
+            if rule.logprobs:
+                requests = [sampling.RowRequest(rule.sampling, 0, rule.top_logprobs)] * len(greedy)
+                response.greedy_logprobs.extend(
+                    sampling.logprobs_of(logits[:, :self.vocab_size].float(), greedy, requests))
+            return
+        k = len(call.drafts)
+        rows = logits[-k - 1:]
+        accepted, token = sampling.speculative_accept(rows, call.tokens[-k:], call.drafts, self.vocab_size,
+                                                      rule.sampling, rule.position)
+        response.accepted, response.next_token_id = accepted, token
+        response.next_entropy = entropies[len(entropies) - k - 1 + accepted]
+        if rule.logprobs:
+            request = sampling.RowRequest(rule.sampling, rule.position + accepted, rule.top_logprobs)
+            response.next_logprobs.CopyFrom(sampling.logprobs_of(rows[accepted:accepted + 1].float()[:, :self.vocab_size],
+                                                                 [token], [request])[0])
 
     def _free_slot(self, session: Session) -> None:
         if session.state is not None:
             self.pool.free(session.state.slot)
-
-    def _span(self, session, tokens, rule, verify, on_token):
-        clock = SpanClock()
-        greedy = ([], [])
-        if tokens:
-            logits, hidden = self._forward(session, tokens, clock, all_positions=verify, hidden=rule.return_hidden)
-            clock.trace("engine.prefill", clock.first_wait[1], time.perf_counter(), **{"rstitch.tokens": len(tokens)})
-            if verify:
-                greedy = greedy_with_entropy(logits, self.vocab_size)
-            logits = logits[-1]
-        elif session.length == 0:
-            raise CacheMismatch(f"session {session.id!r} holds no tokens (rolled back to 0): Prefill its tokens "
-                                "before decoding", cache_len=0)
-        elif session.state is None or session.state.next_logits is None:
-            raise CacheMismatch(
-                f"session {session.id!r}: no next-token distribution is kept at the cache's end "
-                f"({session.length} tokens); send the last token again with Prefill",
-                cache_len=session.length,
-            )
-        else:
-            logits, hidden = session.state.next_logits, session.state.next_hidden
-        span = pb.Span()
-        decoding = time.perf_counter()
-        fresh = True  # logits belong to the cache's end (no committed token waits to be fed)
-        while True:
-            if rule.max_tokens == 0:
-                span.stop_reason = pb.STOP_REASON_MAX_TOKENS
-                break
-            if session.length >= self.max_context:
-                span.stop_reason = pb.STOP_REASON_CONTEXT_FULL
-                break
-            [token], [entropy] = greedy_with_entropy(logits, self.vocab_size)
-            clock.token_chosen()
-            commit, reason = judge(rule, len(span.token_ids), token, entropy)
-            if not commit:
-                span.candidate.CopyFrom(pb.Candidate(token_id=token, entropy=entropy, hidden=_float_bytes(hidden)))
-                span.stop_reason = reason
-                break
-            span.token_ids.append(token)
-            span.entropies.append(entropy)
-            on_token(token, entropy)
-            fresh = False
-            if reason is not None:
-                span.stop_reason = reason
-                break
-            if session.length + 1 >= self.max_context:
-                span.stop_reason = pb.STOP_REASON_CONTEXT_FULL
-                break
-            logits, hidden = self._forward(session, [token], clock, hidden=rule.return_hidden)
-            logits = logits[-1]
-            fresh = True
-        session.state.next_logits, session.state.next_hidden = (logits, hidden) if fresh else (None, None)
-        span.cache_len = session.length
-        span.timings.CopyFrom(clock.timings())
-        clock.trace("engine.decode", decoding, time.perf_counter(), **{
-            "rstitch.tokens": len(span.token_ids), "rstitch.forwards": span.timings.forwards,
-            "rstitch.stop_reason": pb.StopReason.Name(span.stop_reason).removeprefix("STOP_REASON_").lower(),
-            "rstitch.queue_ms": span.timings.queue_ms})
-        return span, greedy
 
     def _truncate(self, session, length):
         if length == 0:
@@ -185,18 +138,30 @@ class HFEngine(Engine):
         self.pool.truncate(session.state.slot, length)  # exact: later writes overwrite what lay past it
         session.state.next_logits = session.state.next_hidden = None
 
-    def info(self) -> pb.InfoResponse:
-        return pb.InfoResponse(
-            model_id=self.model_id, role=self.role, vocab_size=self.vocab_size,
-            tokenizer_fingerprint=self.fingerprint, max_context=self.max_context,
-            kv_capacity_tokens=self.sessions.capacity, kv_used_tokens=self.sessions.used,
-            sessions=len(self.sessions), kv_evictions=self.sessions.evictions, eos_token_ids=self.eos_token_ids,
-            backend=self.backend,
-            device=self.device, dtype=self.dtype, hidden_size=self.hidden_size, latency_model=self.latency_model,
-        )
 
-    def tokenizer_files(self) -> pb.GetTokenizerResponse:
-        return pb.GetTokenizerResponse(files=self._tokenizer_files, fingerprint=self.fingerprint)
+def _timings(run: SpanRun) -> pb.Timings:
+    end = time.perf_counter()
+    queued = (run.first_step or end) - run.submitted  # waiting for a step to take its tokens in
+    return pb.Timings(queue_ms=queued * 1e3, forward_ms=(end - run.submitted - queued) * 1e3, forwards=run.steps,
+                      first_token_ms=(run.first_token - run.submitted) * 1e3 if run.first_token else 0.0)
+
+
+def _trace(run: SpanRun, prefilled: int, span: pb.Span, parent) -> None:
+    """The span's wait for a step, its prefill and its decode, as trace spans under the call's (parent)."""
+    if not telemetry.tracing_enabled():
+        return
+    to_ns = time.time_ns() - time.perf_counter_ns()
+    ns = lambda t: int(t * 1e9) + to_ns  # noqa: E731
+    end = time.perf_counter()
+    first_step = run.first_step or run.submitted
+    telemetry.record_span("engine.queue", ns(run.submitted), ns(first_step), parent)
+    if prefilled:
+        telemetry.record_span("engine.prefill", ns(first_step), ns(run.prefilled or end), parent,
+                              **{"rstitch.tokens": prefilled})
+    telemetry.record_span("engine.decode", ns(run.prefilled or first_step), ns(end), parent, **{
+        "rstitch.tokens": len(span.token_ids), "rstitch.forwards": run.steps,
+        "rstitch.stop_reason": pb.StopReason.Name(span.stop_reason).removeprefix("STOP_REASON_").lower(),
+        "rstitch.queue_ms": span.timings.queue_ms})
 
 
 # --- start-up checks ---------------------------------------------------------------------------
@@ -218,7 +183,3 @@ def _output_rows(model, device: str) -> int:
         out = model(input_ids=torch.tensor([[0]], device=device), use_cache=True,
                     **{cache_kwarg(model): DynamicCache()})
     return out.logits.shape[-1]
-
-
-def _float_bytes(hidden: torch.Tensor | None) -> bytes:
-    return b"" if hidden is None else hidden.float().cpu().numpy().astype("<f4").tobytes()

@@ -8,8 +8,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import (CacheMismatch, EngineError, EngineOverloaded, InvalidRequest, KVExhausted, SessionBusy,
-                     SessionNotFound)
+from common.errors import (
+    CacheMismatch,
+    EngineError,
+    EngineOverloaded,
+    InvalidRequest,
+    KVExhausted,
+    SessionBusy,
+    SessionNotFound,
+)
 
 
 @dataclass(eq=False)

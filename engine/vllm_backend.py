@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 # Must be set before vllm is imported: the in-process engine core (the multi-process one takes ~22 s
@@ -36,15 +37,14 @@ from dataclasses import dataclass, field
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
+
+from common.errors import EngineUnavailable, InvalidRequest  # noqa: E402
 from rstitch.v1 import engine_pb2 as pb  # noqa: E402
 
-from . import checkpoints, latency  # noqa: E402
-from .backend import Engine  # noqa: E402
-from .errors import CacheMismatch, EngineUnavailable  # noqa: E402
-from .checkpoints import kv_bytes_per_token, torch_dtype  # noqa: E402
-from .hf import HFEngine  # noqa: E402
-from .sessions import Session  # noqa: E402
-from .span import judge  # noqa: E402
+from . import checkpoints  # noqa: E402
+from .backend import Engine, ModelFacts, SpanCall  # noqa: E402
+from .entropy import normalized_entropy  # noqa: E402
+from .span import SpanBuilder  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,6 @@ def _vllm():
     from vllm.v1.sample.logits_processor import LogitsProcessor
     from vllm.v1.sample.logits_processor.builtin import process_dict_updates
     return vllm, LogitsProcessor, process_dict_updates
-
-
-def normalized_entropy(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """engine.entropy's H for each row of [N, V_padded] logits, padded columns masked out."""
-    logp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
-    plogp = torch.where(logp.isinf(), torch.zeros_like(logp), logp.exp() * logp)
-    return (-plogp.sum(-1) / math.log(vocab_size)).clamp_(0.0, 1.0)
 
 
 def _make_entropy_recorder():
@@ -122,7 +115,8 @@ class VState:
 
 class _Request:
     """One vLLM request and its caller. `on_token(token, entropy, n_before)` runs on the engine thread
-    after the step that produced the token; returning True aborts the request there and then."""
+    after the step that produced the token; returning True aborts the request there and then. `future`
+    resolves to the request itself once it has ended."""
 
     def __init__(self, prompt: list[int], params, on_token=None):
         self.id = uuid.uuid4().hex
@@ -130,8 +124,7 @@ class _Request:
         self.seen = 0
         self.steps = 0
         self.output = None  # the last RequestOutput
-        self.error: BaseException | None = None
-        self.done = threading.Event()
+        self.future: Future = Future()
         self.submitted = time.perf_counter()
         self.started = 0.0  # when the engine thread added it
         self.first_token = 0.0
@@ -140,67 +133,53 @@ class _Request:
 class VLLMEngine(Engine):
     backend = "vllm"
 
-    def __init__(self, model_path, *, role: str, device: str = "cpu", dtype: str = "float32",
-                 kv_budget_mb: float = 1024, max_context: int | None = None, model_id: str | None = None,
-                 max_sessions: int = 0, max_calls: int = 64, max_num_seqs: int = 64):
+    def __init__(self, model_path, *, kv_budget_mb: float = 1024, max_num_seqs: int = 64, **kwargs):
         vllm, _, _ = _vllm()
-        from transformers import AutoConfig, GenerationConfig
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        self.tokenizer = checkpoints.load_tokenizer(model_path)
-        config = AutoConfig.from_pretrained(str(model_path)).get_text_config()
-        context = config.max_position_embeddings
-        if max_context:
-            context = min(context, max_context)
-        self.kv_bytes_per_token = kv_bytes_per_token(config, torch_dtype(dtype))
-        try:
-            generation = GenerationConfig.from_pretrained(str(model_path))
-        except OSError:  # as transformers does for a checkpoint without generation_config.json
-            generation = GenerationConfig.from_model_config(config)
-        vocab = checkpoints.served_vocabulary(self.tokenizer, generation, config.vocab_size, str(model_path))
-        # vLLM's logits have one column per output row; columns from vocab.size on are masked (padding).
-        self.output_rows = config.vocab_size
-        super().__init__(role=role, vocab_size=vocab.size, max_context=context,
-                         kv_capacity_tokens=int(kv_budget_mb * 2**20 // self.kv_bytes_per_token),
-                         max_sessions=max_sessions, max_calls=max_calls)
-        head_dim = checkpoints.head_dim(config)
-        if device == "cpu":
-            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-            if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
-                raise ValueError(f"{model_path}: vLLM's CPU attention has no kernel for head_dim {head_dim} "
-                                 f"(supported: {CPUAttentionBackend.get_supported_head_sizes()}); use --backend hf")
-        self.device, self.dtype = device, dtype
-        self.model_id = model_id or str(model_path)
-        self.hidden_size = config.hidden_size
-        self.latency_model = latency.stored_proto(model_path, self.backend, device, dtype)
-        self.eos_token_ids = vocab.eos_token_ids
-        self.fingerprint = checkpoints.tokenizer_fingerprint(self.tokenizer, vocab.size)
-        self._tokenizer_files = checkpoints.tokenizer_files(self.tokenizer)
+        super().__init__(model_path, kv_budget_mb=kv_budget_mb, **kwargs)
         # vLLM refuses to start unless one request of the full context fits, plus a block: the budget
         # the session table enforces is --kv-budget-mb, vLLM's own pool at least that.
-        kv_bytes = max(int(kv_budget_mb * 2**20), (context + 2 * BLOCK_SIZE) * self.kv_bytes_per_token)
+        kv_bytes = max(int(kv_budget_mb * 2**20), (self.max_context + 2 * BLOCK_SIZE) * self.kv_bytes_per_token)
         args = EngineArgs(
-            model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True, dtype=dtype,
-            max_model_len=context, enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=True,
+            model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True, dtype=self.dtype,
+            max_model_len=self.max_context, enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=True,
             kv_cache_memory_bytes=kv_bytes, logits_processors=[_make_entropy_recorder()], max_logprobs=-1,
             async_scheduling=False, max_num_seqs=max_num_seqs, seed=0,
         )
-        if device != "cpu":
-            args.device = device
+        if self.device != "cpu":
+            args.device = self.device
         started = time.perf_counter()
         self._llm = LLMEngine.from_engine_args(args)
-        self._vllm_version = vllm.__version__
         self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._running: dict[str, _Request] = {}
         self._stopped = False
         self.peak_batch = 0  # the most requests that were ever in flight together (continuous batching)
-        self._thread = threading.Thread(target=self._loop, name=f"vllm-{role}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"vllm-{self.role}", daemon=True)
         self._thread.start()
         log.info("%s engine: %s on vLLM %s (%s/%s), vocab %d, context %d, KV budget %d tokens, vLLM pool %d B; "
-                 "started in %.1f s", role, self.model_id, self._vllm_version, device, dtype, self.vocab_size,
-                 self.max_context, self.sessions.capacity, kv_bytes, time.perf_counter() - started)
+                 "started in %.1f s", self.role, self.model_id, vllm.__version__, self.device, self.dtype,
+                 self.vocab_size, self.max_context, self.sessions.capacity, kv_bytes, time.perf_counter() - started)
+
+    def _load(self, model_path) -> ModelFacts:
+        from transformers import AutoConfig, GenerationConfig
+
+        config = AutoConfig.from_pretrained(str(model_path)).get_text_config()
+        try:
+            generation = GenerationConfig.from_pretrained(str(model_path))
+        except OSError:  # as transformers does for a checkpoint without generation_config.json
+            generation = GenerationConfig.from_model_config(config)
+        if self.device == "cpu":
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+            head_dim = checkpoints.head_dim(config)
+            if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
+                raise ValueError(f"{model_path}: vLLM's CPU attention has no kernel for head_dim {head_dim} "
+                                 f"(supported: {CPUAttentionBackend.get_supported_head_sizes()}); use --backend hf")
+        # vLLM's logits have one column per output row; columns from the served vocabulary on are masked.
+        self.output_rows = config.vocab_size
+        return ModelFacts(config, generation, config.vocab_size)
 
     # --- the engine thread --------------------------------------------------------------------
 
@@ -210,16 +189,7 @@ class VLLMEngine(Engine):
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            while not self._inbox.empty():
-                request = self._inbox.get()
-                try:
-                    self._llm.add_request(request.id, {"prompt_token_ids": request.prompt}, request.params)
-                except Exception as e:  # noqa: BLE001 - refused by vLLM: the caller sees why
-                    request.error = e
-                    request.done.set()
-                    continue
-                request.started = time.perf_counter()
-                self._running[request.id] = request
+            self._admit_new()
             self.peak_batch = max(self.peak_batch, len(self._running))
             if not self._running:
                 continue
@@ -228,55 +198,63 @@ class VLLMEngine(Engine):
             except Exception as e:  # noqa: BLE001 - fail every caller rather than hang them
                 log.exception("vLLM step failed")
                 for request in self._running.values():
-                    request.error = e
-                    request.done.set()
                     _ENTROPIES.pop(request.id, None)
+                    request.future.set_exception(e)
                 self._running.clear()
                 continue
             for request in self._running.values():
                 request.steps += 1
-            finished = []
-            for out in outputs:
-                request = self._running.get(out.request_id)
-                if request is None:
-                    continue
-                request.output = out
-                tokens = out.outputs[0].token_ids if out.outputs else []
-                stop = False
-                while request.seen < len(tokens) and not stop:
-                    if not request.first_token:
-                        request.first_token = time.perf_counter()
-                    entropy = _ENTROPIES.get(request.id, {}).get(request.seen, float("nan"))
-                    if request.on_token is not None:
-                        stop = request.on_token(tokens[request.seen], entropy, request.seen)
-                    request.seen += 1
-                if stop and not out.finished:
-                    self._llm.abort_request([request.id])
-                if stop or out.finished:
-                    finished.append(request)
-            for request in finished:
+            for request in self._advance(outputs):
                 del self._running[request.id]
                 _ENTROPIES.pop(request.id, None)
-                request.done.set()
+                request.future.set_result(request)
 
-    def _run(self, request: _Request) -> _Request:
+    def _admit_new(self) -> None:
+        while not self._inbox.empty():
+            request = self._inbox.get()
+            try:
+                self._llm.add_request(request.id, {"prompt_token_ids": request.prompt}, request.params)
+            except Exception as e:  # noqa: BLE001 - refused by vLLM: the caller sees why
+                request.future.set_exception(e)
+                continue
+            request.started = time.perf_counter()
+            self._running[request.id] = request
+
+    def _advance(self, outputs) -> list[_Request]:
+        """Hand each request's new tokens to its caller; the requests that ended."""
+        finished = []
+        for out in outputs:
+            request = self._running.get(out.request_id)
+            if request is None:
+                continue
+            request.output = out
+            tokens = out.outputs[0].token_ids if out.outputs else []
+            stop = False
+            while request.seen < len(tokens) and not stop:
+                request.first_token = request.first_token or time.perf_counter()
+                entropy = _ENTROPIES.get(request.id, {}).get(request.seen, float("nan"))
+                if request.on_token is not None:
+                    stop = request.on_token(tokens[request.seen], entropy, request.seen)
+                request.seen += 1
+            if stop and not out.finished:
+                self._llm.abort_request([request.id])
+            if stop or out.finished:
+                finished.append(request)
+        return finished
+
+    def _submit(self, request: _Request) -> Future:
         if self._stopped:
             raise EngineUnavailable(f"the {self.role} engine is shut down")
         self._inbox.put(request)
         self._wake.set()
-        request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request
+        return request.future
 
-    def _request(self, prompt: list[int], max_tokens: int, on_token=None, prompt_logprobs=None) -> _Request:
+    def _params(self, request: _Request, max_tokens: int, prompt_logprobs=None):
         from vllm import SamplingParams
 
-        request = _Request(prompt, None, on_token)
-        request.params = SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
-            prompt_logprobs=prompt_logprobs, extra_args={TAG: request.id, TAG + "_vocab": self.vocab_size})
-        return self._run(request)
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+                              prompt_logprobs=prompt_logprobs,
+                              extra_args={TAG: request.id, TAG + "_vocab": self.vocab_size})
 
     def close(self) -> None:
         self._stopped = True
@@ -285,78 +263,61 @@ class VLLMEngine(Engine):
 
     # --- the contract -------------------------------------------------------------------------
 
-    def _span(self, session: Session, tokens, rule, verify, on_token):
-        start = time.perf_counter()
+    def _begin(self, call: SpanCall) -> None:
+        if call.drafts or call.rule.sampling.temperature > 0 or call.rule.logprobs or call.rule.return_distributions:
+            raise InvalidRequest("sampling, logprobs and speculative sampling are not served by the vllm backend yet")
+        session, tokens = call.session, call.tokens
         if session.state is None:
             session.state = VState()
         state: VState = session.state
         greedy: tuple[list[int], list[float]] = ([], [])
-        steps, queue_s, first_token = 0, 0.0, 0.0
+        begun, queued, steps = time.perf_counter(), 0.0, 0
         if tokens:
-            base = session.length
             self.sessions.grow(session, len(tokens))
             state.tokens.extend(tokens)
             state.fresh = True
-            if verify:
-                request = self._verify(state.tokens, base)
-                greedy = request.greedy
-                steps += request.steps
-                queue_s += request.started - request.submitted
-        elif session.length == 0:
-            raise CacheMismatch(f"session {session.id!r} holds no tokens (rolled back to 0): Prefill its tokens "
-                                "before decoding", cache_len=0)
-        elif not state.fresh:
-            raise CacheMismatch(
-                f"session {session.id!r}: no next-token distribution is kept at the cache's end "
-                f"({session.length} tokens); send the last token again with Prefill",
-                cache_len=session.length,
-            )
-        span = pb.Span()
-        if rule.max_tokens == 0:
-            span.stop_reason = pb.STOP_REASON_MAX_TOKENS
-        elif session.length >= self.max_context:
-            span.stop_reason = pb.STOP_REASON_CONTEXT_FULL
-        else:
-            length = session.length
-            fresh = [True]
+            if call.verify:  # spec's verification: a prefill without a span (max_tokens 0), run to its end here
+                request = self._verify(state.tokens, session.length - len(tokens))
+                greedy, queued, steps = request.greedy, request.started - request.submitted, request.steps
+        elif session.length == 0 or not state.fresh:
+            raise self.nothing_to_decode(session)
+        builder = SpanBuilder(call.rule, session.length, self.max_context, call.on_token)
+        if not builder.open():
+            call.future.set_result(self._response(call, builder, greedy, begun, queued, steps, None))
+            return
 
-            def judged(token: int, entropy: float, n: int) -> bool:
-                # The same decisions, in the same order, as the hf backend's loop.
-                commit, reason = judge(rule, len(span.token_ids), token, entropy)
-                if not commit:
-                    span.candidate.CopyFrom(pb.Candidate(token_id=token, entropy=entropy))
-                    span.stop_reason = reason
-                    return True
-                span.token_ids.append(token)
-                span.entropies.append(entropy)
-                on_token(token, entropy)
-                fresh[0] = False
-                if reason is not None:
-                    span.stop_reason = reason
-                    return True
-                if length + n + 1 >= self.max_context:
-                    span.stop_reason = pb.STOP_REASON_CONTEXT_FULL
-                    return True
-                fresh[0] = True  # vLLM feeds it and goes on
-                return False
+        def judged(token: int, entropy: float, n: int) -> bool:
+            return call.cancelled.is_set() or not builder.offer(token, entropy)
 
-            request = self._request(list(state.tokens), min(rule.max_tokens, self.max_context - length), judged)
+        request = _Request(list(state.tokens), None, judged)
+        request.params = self._params(request, min(call.rule.max_tokens, self.max_context - session.length))
+
+        def ended(done: Future) -> None:
+            try:
+                done.result()
+                builder.stop(pb.STOP_REASON_MAX_TOKENS)  # vLLM ended it (it should not before the rule does)
+                fed = list(builder.span.token_ids) if builder.fresh else list(builder.span.token_ids[:-1])
+                if fed:  # may raise: no room for what the span committed
+                    self.sessions.grow(session, len(fed))
+                    state.tokens.extend(fed)
+                state.fresh = builder.fresh and not call.cancelled.is_set()
+                call.future.set_result(self._response(call, builder, greedy, begun, queued, steps, request))
+            except BaseException as e:  # noqa: BLE001 - the caller raises it; nothing may leave it waiting
+                call.future.set_exception(e)
+
+        self._submit(request).add_done_callback(ended)
+
+    def _response(self, call, builder, greedy, begun, queued, steps, request) -> pb.PrefillResponse:
+        if request is not None:
+            queued += request.started - request.submitted
             steps += request.steps
-            queue_s += request.started - request.submitted
-            if request.first_token:
-                first_token = request.first_token - start
-            if not span.stop_reason:  # vLLM ended it (it should not before the rule does)
-                span.stop_reason = pb.STOP_REASON_MAX_TOKENS
-            fed = list(span.token_ids) if fresh[0] else list(span.token_ids[:-1])
-            state.fresh = fresh[0]
-            if fed:
-                self.sessions.grow(session, len(fed))
-                state.tokens.extend(fed)
-        span.cache_len = session.length
-        total = time.perf_counter() - start
-        span.timings.CopyFrom(pb.Timings(queue_ms=queue_s * 1e3, forward_ms=(total - queue_s) * 1e3, forwards=steps,
-                                         first_token_ms=first_token * 1e3))
-        return span, greedy
+        first = request.first_token - begun if request is not None and request.first_token else 0.0
+        span = builder.span
+        span.cache_len = call.session.length
+        total = time.perf_counter() - begun
+        span.timings.CopyFrom(pb.Timings(queue_ms=queued * 1e3, forward_ms=(total - queued) * 1e3, forwards=steps,
+                                         first_token_ms=first * 1e3))
+        return pb.PrefillResponse(span=span, greedy_token_ids=greedy[0], greedy_entropies=greedy[1])
 
     def _verify(self, sequence: list[int], base: int) -> _Request:
         """The greedy choice and its entropy after each of sequence[base:]."""
@@ -367,21 +328,19 @@ class VLLMEngine(Engine):
             last.append((token, entropy))
             return True
 
+        request = _Request(list(sequence), None, on_token)
         # Top-1 alone could be a padding column: the best served id is among the top 1 + padding ones.
-        request = self._request(list(sequence), 1, on_token,
-                                prompt_logprobs=-1 if full else 1 + self.output_rows - self.vocab_size)
+        request.params = self._params(request, 1, prompt_logprobs=-1 if full else 1 + self.output_rows - self.vocab_size)
+        self._submit(request).result()
         # prompt_logprobs[p] is the distribution of token p given the tokens before it (entry 0 is None):
         # the choice after token j is at p = j + 1, and after the last token it is the sampled one.
-        positions = request.output.prompt_logprobs[base + 1:]
         choices, entropies = [], []
-        for dist in positions:
+        for dist in request.output.prompt_logprobs[base + 1:]:
             served = {token: lp for token, lp in dist.items() if token < self.vocab_size}
             choices.append(min(served, key=lambda token: (served[token].rank, token)))
             if full:
                 logp = torch.tensor([lp.logprob for lp in served.values()], dtype=torch.float32)
-                logp = logp - torch.logsumexp(logp, 0)  # renormalized over the served ids, as on hf
-                plogp = torch.where(logp.isinf(), torch.zeros_like(logp), logp.exp() * logp)
-                entropies.append(float((-plogp.sum() / math.log(self.vocab_size)).clamp(0.0, 1.0)))
+                entropies.append(normalized_entropy(logp[None], self.vocab_size).item())
             else:
                 entropies.append(float("nan"))
         choices.append(last[0][0])
@@ -402,9 +361,4 @@ class VLLMEngine(Engine):
 
         request = _Request(list(prompt), SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                                         detokenize=False))
-        return list(self._run(request).output.outputs[0].token_ids)
-
-    # The same fields, named the same, as the hf backend's (backend, device, dtype, hidden_size, ...).
-    info = HFEngine.info
-    tokenizer_files = HFEngine.tokenizer_files
-
+        return list(self._submit(request).result().output.outputs[0].token_ids)

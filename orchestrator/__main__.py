@@ -3,12 +3,16 @@
 import logging
 from pathlib import Path
 
-from engine import flags, telemetry
+from common import flags, telemetry
+from common.errors import EngineError
+from common.grpc_server import serve_until_signalled, start_server
 from engine.default_models import default_router_path
-from engine.errors import EngineError
-from engine.grpc_server import serve_until_signalled, start_server
-from rstitch.security import (add_client_tls_args, add_server_tls_args, client_tls_from_args,
-                              server_credentials_from_args)
+from rstitch.security import (
+    add_client_tls_args,
+    add_server_tls_args,
+    client_tls_from_args,
+    server_credentials_from_args,
+)
 from rstitch.v1 import orchestrator_pb2_grpc
 
 from .auth import add_auth_args, interceptors_from_args

@@ -1,6 +1,6 @@
 """How the loop reaches an engine: over gRPC, or by calling an in-process Engine directly.
 
-Both raise engine.errors classes, so the stitching loop is the same code for either transport.
+Both raise common.errors classes, so the stitching loop is the same code for either transport.
 """
 
 import logging
@@ -9,9 +9,9 @@ import time
 
 import grpc
 
-from engine.errors import CACHE_LEN_KEY, RETRYABLE_KEY, from_status
-from engine.grpc_server import CHANNEL_OPTIONS
-from engine.telemetry import traced_channel
+from common.errors import CACHE_LEN_KEY, RETRYABLE_KEY, from_status
+from common.grpc_server import CHANNEL_OPTIONS
+from common.telemetry import traced_channel
 from rstitch.security import ClientTLS, channel
 from rstitch.v1 import engine_pb2 as pb
 from rstitch.v1 import engine_pb2_grpc
@@ -33,11 +33,11 @@ class LocalEngineClient:
         return self.engine.decode(req)
 
     def stream_span(self, req: pb.PrefillRequest, timeout=None):
-        """Yields (token_id, entropy) of each committed token as it is chosen; returns the response."""
+        """Yields each committed token (a CommittedToken) as it is chosen; returns the response."""
         for event in self.engine.stream_span(pb.StreamSpanRequest(prefill=req)):
             if event.HasField("done"):
                 return event.done
-            yield event.token.token_id, event.token.entropy
+            yield event.token
 
     def rollback(self, req: pb.RollbackRequest, timeout=None) -> pb.RollbackResponse:
         return self.engine.rollback(req)
@@ -92,17 +92,20 @@ class GrpcEngineClient:
         return response
 
     def stream_span(self, req, timeout=None):
-        """Yields (token_id, entropy) of each committed token as the engine streams it; returns the
+        """Yields each committed token (a CommittedToken) as the engine streams it; returns the
         PrefillResponse that ends the stream."""
+        call = self._stub.StreamSpan(pb.StreamSpanRequest(prefill=req), timeout=timeout)
         try:
-            for event in self._stub.StreamSpan(pb.StreamSpanRequest(prefill=req), timeout=timeout):
+            for event in call:
                 if event.HasField("done"):
                     if self._down_since is not None:
                         self._came_back()
                     return event.done
-                yield event.token.token_id, event.token.entropy
+                yield event.token
         except grpc.RpcError as e:
             raise self._error(e) from None
+        finally:
+            call.cancel()  # a reader that stopped early ends the span on the engine (no-op once it ended)
         raise from_status(grpc.StatusCode.UNAVAILABLE, f"{self.address}: the span's stream ended before its end")
 
     def _error(self, e: grpc.RpcError):

@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
-from engine.errors import CacheMismatch, EngineError, SessionNotFound
+from common.errors import CacheMismatch, EngineError, SessionNotFound
 from engine.span import judge
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
 from .policies import LLM, ROLE_NAMES, SLM, Policy
+from .stops import StopStrings
 
 REPAIRS_PER_SPAN = 3
 
@@ -57,6 +58,7 @@ class Streamed:
     source: int
     token_id: int
     entropy: float
+    logprobs: epb.TokenLogprobs | None = None
 
 
 class Observer:
@@ -96,6 +98,9 @@ class Progress:
     stats: opb.Stats = field(default_factory=opb.Stats)
     finish_reason: int = opb.FINISH_REASON_UNSPECIFIED
     observer: Observer = field(default=IGNORED, repr=False, compare=False)
+    sampling: epb.Sampling = field(default_factory=epb.Sampling)  # of every span; temperature 0: greedy
+    top_logprobs: int = -1  # -1: no logprobs; else each token's and this many alternatives'
+    stops: StopStrings | None = None  # the request's stop strings
 
     @property
     def sequence(self) -> list[int]:
@@ -106,10 +111,27 @@ class Progress:
         """Answer tokens that may still be written: the length asked for, within the context."""
         return min(self.max_new_tokens - len(self.tokens), self.max_context - len(self.prompt) - len(self.tokens))
 
+    def ruled(self, rule: epb.SpanRule) -> epb.SpanRule:
+        """`rule` with what every span of the session shares: its sampling, the position of the span's
+        first token, logprobs."""
+        rule.sampling.CopyFrom(self.sampling)
+        rule.position = len(self.tokens)
+        if self.top_logprobs >= 0:
+            rule.logprobs, rule.top_logprobs = True, self.top_logprobs
+        return rule
+
+    def stopped(self, position: int, token_id: int) -> bool:
+        """Whether the answer ends at token `position` by a stop string (tokens arrive in order)."""
+        return self.stops is not None and self.stops.push(position, token_id)
+
     def prefill_tokens(self, role: int) -> int:
         return self.stats.slm_prefill_tokens if role == SLM else self.stats.llm_prefill_tokens
 
     def commit(self, role: int, span: epb.Span) -> opb.SpanRecord:
+        for i, token in enumerate(span.token_ids):  # a stop string cuts the answer after the token ending it
+            if self.stopped(len(self.tokens) + i, token):
+                del span.token_ids[i + 1:], span.entropies[i + 1:], span.logprobs[i + 1:]
+                break
         self.tokens += span.token_ids
         self.sources += [role] * len(span.token_ids)
         self.entropies += span.entropies
@@ -122,7 +144,7 @@ class Progress:
         else:
             self.stats.llm_tokens += len(span.token_ids)
             self.stats.llm_forward_ms += span.timings.forward_ms
-        return opb.SpanRecord(source=role, token_ids=span.token_ids, entropies=span.entropies)
+        return opb.SpanRecord(source=role, token_ids=span.token_ids, entropies=span.entropies, logprobs=span.logprobs)
 
 
 def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "Budget"
@@ -133,7 +155,7 @@ def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "
     while True:
         role = progress.role
         remaining = progress.room
-        rule = policy.rule(role, len(progress.tokens), remaining)
+        rule = progress.ruled(policy.rule(role, len(progress.tokens), remaining))
         rule.max_tokens = min(rule.max_tokens or remaining, remaining)
         rule.stop_token_ids.extend(progress.stop_token_ids)
         prefilled = progress.prefill_tokens(role)
@@ -173,6 +195,8 @@ def with_candidate_kept(span: epb.Span, rule: epb.SpanRule) -> epb.Span:
     _, reason = judge(ungated, len(span.token_ids), span.candidate.token_id, span.candidate.entropy)
     kept.token_ids.append(span.candidate.token_id)
     kept.entropies.append(span.candidate.entropy)
+    if rule.logprobs:
+        kept.logprobs.append(span.candidate.logprobs)
     kept.stop_reason = reason or epb.STOP_REASON_UNSPECIFIED
     return kept
 
@@ -236,17 +260,20 @@ def finished(generator: Generator):
             return end.value
 
 
-def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: Budget, draft: list[int] = ()
-            ) -> epb.PrefillResponse:
+def advance(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: Budget, draft: list[int] = (),
+            draft_distributions=()) -> epb.PrefillResponse:
     """One call to `engine` (see advance_streaming), its tokens returned with the response only."""
-    return finished(advance_streaming(engine, progress, role, rule, budget, draft, stream=False))
+    return finished(advance_streaming(engine, progress, role, rule, budget, draft, stream=False,
+                                      draft_distributions=draft_distributions))
 
 
 def advance_streaming(engine, progress: Progress, role: int, rule: epb.SpanRule, budget: Budget,
-                      draft: list[int] = (), stream: bool = True):
+                      draft: list[int] = (), stream: bool = True, draft_distributions=()):
     """One call to `engine`, sending it exactly the tokens it has not seen (partial prefill), then
-    `draft` tokens to verify, if any (their greedy choices come back in the response). Yields each
-    committed token as a Streamed as the engine decodes it (with stream); returns the response.
+    `draft` tokens to verify, if any (their greedy choices, or with the distributions they were
+    sampled from the speculative sampling outcome, come back in the response). Yields each committed
+    token as a Streamed as the engine decodes it (with stream), and stops reading the span where a stop
+    string ends the answer; returns the response.
 
     A lost or evicted session (NOT_FOUND) is prefilled again from the log; a cache of another
     length than ours (FAILED_PRECONDITION) is rolled back to what the sequence keeps.
@@ -255,7 +282,7 @@ def advance_streaming(engine, progress: Progress, role: int, rule: epb.SpanRule,
         base = progress.synced[role]
         unseen = progress.sequence[base:] + list(draft)
         req = epb.PrefillRequest(session_id=progress.session_id, base_len=base, token_ids=unseen, rule=rule,
-                                 verify=bool(draft))
+                                 verify=bool(draft), draft_distributions=draft_distributions)
         try:
             out = yield from retrying(lambda timeout: _call(engine, progress, role, req, timeout, stream), budget)
         except SessionNotFound:
@@ -279,21 +306,33 @@ def advance_streaming(engine, progress: Progress, role: int, rule: epb.SpanRule,
 
 def _call(engine, progress: Progress, role: int, req: epb.PrefillRequest, timeout, stream: bool):
     if stream:
-        return _positioned(engine.stream_span(req, timeout=timeout), len(progress.tokens), role)
+        return _positioned(engine.stream_span(req, timeout=timeout), progress, role)
     if req.token_ids:
         return engine.prefill(req, timeout=timeout)
     decode = epb.DecodeRequest(session_id=req.session_id, base_len=req.base_len, rule=req.rule)
     return epb.PrefillResponse(span=engine.decode(decode, timeout=timeout).span)
 
 
-def _positioned(events, position: int, role: int):
-    """An engine's stream of (token, entropy) as Streamed answer tokens from `position` on."""
+def _positioned(events, progress: Progress, role: int):
+    """An engine's stream of committed tokens as Streamed answer tokens from the progress' end on. A
+    stop string that ends the answer ends the stream there (the engine's span is cancelled): the
+    response is then the span up to that token, the engine's cache length unknown (0)."""
+    span, position = epb.Span(), len(progress.tokens)
     while True:
         try:
-            token_id, entropy = next(events)
+            token = next(events)
         except StopIteration as end:
             return end.value
-        yield Streamed(position, role, token_id, entropy)
+        yield Streamed(position, role, token.token_id, token.entropy,
+                       token.logprobs if token.HasField("logprobs") else None)
+        span.token_ids.append(token.token_id)
+        span.entropies.append(token.entropy)
+        if token.HasField("logprobs"):
+            span.logprobs.append(token.logprobs)
+        if progress.stopped(position, token.token_id):
+            events.close()
+            span.stop_reason = epb.STOP_REASON_STOP_TOKEN
+            return epb.PrefillResponse(span=span)
         position += 1
 
 
@@ -316,6 +355,8 @@ def finish_reason(progress: Progress, context_full: bool = False) -> int:
     last = progress.tokens[-1] if progress.tokens else None
     if last is not None and last in progress.stop_token_ids:
         return opb.FINISH_REASON_EOS if last in progress.eos_token_ids else opb.FINISH_REASON_STOP
+    if progress.tokens and progress.stopped(len(progress.tokens) - 1, last):
+        return opb.FINISH_REASON_STOP
     if len(progress.tokens) >= progress.max_new_tokens:
         return opb.FINISH_REASON_MAX_NEW_TOKENS
     if context_full or progress.room <= 0:

@@ -1,11 +1,11 @@
 """Which engine writes next, and under which span rule (the orchestrator's policies)."""
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import numpy as np
 
+from common.draws import ROUTE, uniform
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
@@ -89,9 +89,9 @@ class SingleModelPolicy(Policy):
 
 
 class RandomPolicy(Policy):
-    """The paper's random-routing baseline: answer token i goes to the SLM with probability p, by a
-    draw seeded with (seed, i). A run of equal draws is decoded as one span, so routing stays per
-    token while the engines still decode spans."""
+    """The paper's random-routing baseline: answer token i goes to the SLM with probability p, by the
+    session's draw for (seed, i, routing). A run of equal draws is decoded as one span, so routing stays
+    per token while the engines still decode spans."""
 
     def __init__(self, slm_probability: float, seed: int):
         self.p = slm_probability
@@ -99,8 +99,7 @@ class RandomPolicy(Policy):
         self.first = self._draw(0)
 
     def _draw(self, position: int) -> int:
-        digest = hashlib.blake2b(f"{self.seed}:{position}".encode(), digest_size=8).digest()
-        return SLM if int.from_bytes(digest, "big") / 2**64 < self.p else LLM
+        return SLM if uniform(self.seed, position, ROUTE) < self.p else LLM
 
     def rule(self, role, position, remaining):
         run = 1

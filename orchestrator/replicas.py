@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 
-from engine.errors import EngineUnavailable, SessionNotFound
+from common.errors import EngineUnavailable, SessionNotFound
 
 log = logging.getLogger(__name__)
 

@@ -3,29 +3,31 @@
 import logging
 import math
 import os
+import secrets
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
 from jinja2 import TemplateError  # what a chat template raises on a conversation it refuses
 
-from engine.backend import MAX_SESSION_ID_CHARS
-from engine.errors import EngineError
+from common.admission import Admission, Overloaded, QueueTimeout
+from common.errors import EngineError, validate_session_id
+from rstitch.client import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 
-from engine.admission import Admission, Overloaded, QueueTimeout
-
-from .leases import LeaseKeeper
 from .delivery import Delivery
+from .leases import LeaseKeeper
 from .loop import Budget, CallerGone, OutOfTime, Progress, Streamed, finish_reason, stitch
 from .policies import LLM, ROLE_NAMES, SLM, make_policy
 from .replicas import EnginePool, PinnedEngine
 from .router import Router
 from .speculative import speculate
+from .stops import StopStrings
 from .store import Fenced, Journal, Lease, LeaseHeld, NotResumable, SessionStore, StoreUnavailable
 from .telemetry import GenerationTelemetry
 from .text import encode_prompt, load_tokenizer
@@ -107,7 +109,8 @@ class Orchestrator:
             progress = self._new_progress(header, role=first)
             opening = [opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
                                                                 prompt_token_ids=header.prompt_token_ids))]
-            yield from self._drive(header, progress, lease, budget, Delivery(self.tokenizer), started, opening)
+            yield from self._drive(header, progress, lease, budget, Delivery(self.tokenizer, stops=header.spec.stop),
+                                   started, opening)
 
     def resume(self, session_id: str, received_tokens: int = 0, timeout_s: float | None = None, caller_alive=None):
         """Attach to a session by id: the events a client that has `received_tokens` of its answer has
@@ -126,12 +129,13 @@ class Orchestrator:
         with self._admitted(budget):
             yield opb.GenerateResponse(started=opb.Started(session_id=session_id,
                                                            prompt_token_ids=session.prompt_token_ids))
-            delivery = Delivery(self.tokenizer, received_tokens)
+            delivery = Delivery(self.tokenizer, received_tokens, session.spec.stop)
             while True:
                 yield from _replay(session, delivery)
                 if session.status not in (opb.STATUS_RUNNING, opb.STATUS_FAILED):
+                    yield from delivery.closing()
                     yield opb.GenerateResponse(finished=opb.Finished(
-                        finish_reason=session.finish_reason, stats=session.stats, text=delivery.text.text))
+                        finish_reason=session.finish_reason, stats=session.stats, text=delivery.final_text()))
                     return
                 try:
                     lease = self._store(lambda: self.store.acquire(session_id, self.replica))
@@ -219,8 +223,9 @@ class Orchestrator:
             _log_request(progress, header, status, error)
             for role, engine in engines.items():
                 self.pools[role].count(engine.address, -1)
+        yield from delivery.closing()
         yield opb.GenerateResponse(finished=opb.Finished(finish_reason=progress.finish_reason,
-                                                         stats=progress.stats, text=delivery.text.text))
+                                                         stats=progress.stats, text=delivery.final_text()))
 
     def _progress(self, session: opb.Session) -> Progress:
         """The loop's state of a session, rebuilt from its log."""
@@ -231,12 +236,19 @@ class Orchestrator:
             progress.tokens += span.token_ids
             progress.sources += [span.source] * len(span.token_ids)
             progress.entropies += span.entropies
+        for position, token in enumerate(progress.tokens):
+            progress.stopped(position, token)
         return progress
 
     def _new_progress(self, header: opb.Session, **state) -> Progress:
+        spec = header.spec
+        sampling = epb.Sampling(temperature=spec.temperature, top_p=spec.top_p if spec.HasField("top_p") else 1.0,
+                                top_k=spec.top_k, min_p=spec.min_p, seed=spec.seed)
         return Progress(header.session_id, list(header.prompt_token_ids), header.max_new_tokens,
-                        sorted(set(self.eos_token_ids) | set(header.spec.stop_token_ids)),
-                        eos_token_ids=self.eos_token_ids, max_context=self.max_context, **state)
+                        sorted(set(self.eos_token_ids) | set(spec.stop_token_ids)),
+                        eos_token_ids=self.eos_token_ids, max_context=self.max_context, sampling=sampling,
+                        top_logprobs=spec.top_logprobs if spec.logprobs else -1,
+                        stops=StopStrings(self.tokenizer, spec.stop) if spec.stop else None, **state)
 
     def _budget(self, timeout_s: float | None, caller_alive=None) -> Budget:
         if timeout_s is None or not timeout_s < NO_DEADLINE_S:
@@ -271,6 +283,7 @@ class Orchestrator:
         draft_tokens = spec.draft_tokens or 4
         if draft_tokens > 64:
             raise invalid(f"draft_tokens {draft_tokens} is too many: the SLM drafts at most 64 tokens per verification")
+        _check_sampling(spec)
         max_new = spec.max_new_tokens or self.settings.max_new_tokens
         if max_new > self.settings.max_new_tokens_limit:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -285,6 +298,8 @@ class Orchestrator:
         resolved = opb.GenerationSpec()
         resolved.CopyFrom(spec)
         resolved.policy = policy
+        if not spec.HasField("seed"):  # kept with the session: a resumed one draws the same numbers
+            resolved.seed = secrets.randbits(63)
         if policy == opb.POLICY_ROUTER:  # kept with the session, so that any replica resumes it alike
             resolved.router = self._checked_router(spec.router or self.router)
         return opb.Session(session_id=uuid.uuid4().hex, status=opb.STATUS_RUNNING, spec=resolved,
@@ -356,14 +371,12 @@ class Orchestrator:
         return engines
 
     def _finish(self, progress: Progress, engines: dict, journal: Journal, status: int, error: str) -> None:
-        for engine in engines.values():
-            try:
-                engine.release(epb.ReleaseRequest(session_id=progress.session_id), timeout=5)
-            except EngineError as e:  # the cache is freed later by eviction; the result stands
-                log.warning("could not release session %s on %s: %s", progress.session_id, engine.address, e)
+        for engine in engines.values():  # behind the answer: nothing waits for the caches to be freed
+            _RELEASES.submit(_release, engine, progress.session_id)
         try:
+            journal.close()
             journal.store.finish(journal.lease, status, progress.finish_reason, progress.stats,
-                                 self.tokenizer.decode(progress.tokens, skip_special_tokens=True), error)
+                                 answer_text(self.tokenizer, progress), error)
         except (StoreUnavailable, Fenced) as e:
             log.error("session %s ended (%s) but could not be recorded: %s", progress.session_id,
                       opb.Status.Name(status), e)
@@ -383,6 +396,41 @@ class Orchestrator:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
 
+def _check_sampling(spec: opb.GenerationSpec) -> None:
+    """Sampling, stop strings and logprobs as a request gives them, refused naming the field."""
+    invalid = lambda msg: RequestError(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
+    if spec.HasField("temperature") and not (math.isfinite(spec.temperature) and spec.temperature >= 0):
+        raise invalid(f"temperature must be a number >= 0 (0: greedy), got {spec.temperature}")
+    if spec.HasField("top_p") and not (math.isfinite(spec.top_p) and 0 < spec.top_p <= 1):
+        raise invalid(f"top_p must be in (0, 1], got {spec.top_p}")
+    if spec.HasField("min_p") and not (math.isfinite(spec.min_p) and 0 <= spec.min_p <= 1):
+        raise invalid(f"min_p must be in [0, 1], got {spec.min_p}")
+    if len(spec.stop) > MAX_STOP_STRINGS:
+        raise invalid(f"stop has {len(spec.stop)} strings; at most {MAX_STOP_STRINGS}")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in spec.stop):
+        raise invalid(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+    if spec.top_logprobs > MAX_TOP_LOGPROBS:
+        raise invalid(f"top_logprobs is {spec.top_logprobs}; at most {MAX_TOP_LOGPROBS}")
+    if spec.top_logprobs and not spec.logprobs:
+        raise invalid("top_logprobs needs logprobs")
+
+
+def answer_text(tokenizer, progress: Progress) -> str:
+    """The answer's text, up to a stop string that ended it."""
+    text = tokenizer.decode(progress.tokens, skip_special_tokens=True)
+    return text[:progress.stops.cut] if progress.stops is not None and progress.stops.cut is not None else text
+
+
+_RELEASES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="release")
+
+
+def _release(engine, session_id: str) -> None:
+    try:
+        engine.release(epb.ReleaseRequest(session_id=session_id), timeout=5)
+    except EngineError as e:  # the cache is freed later by eviction; the result stands
+        log.warning("could not release session %s on %s: %s", session_id, engine.address, e)
+
+
 def _log_request(progress: Progress, header: opb.Session, status: int | None, error: str) -> None:
     """One line per request that drove a session, whatever its end."""
     s = progress.stats
@@ -392,15 +440,6 @@ def _log_request(progress: Progress, header: opb.Session, status: int | None, er
              s.slm_tokens, s.llm_tokens, s.switches,
              opb.FinishReason.Name(progress.finish_reason).removeprefix("FINISH_REASON_").lower(), s.latency_ms,
              f" ({error})" if error else "")
-
-
-def validate_session_id(session_id: str) -> None:
-    """Ids are 32 hex digits here; a long one is refused before it is echoed into an error's metadata."""
-    if not session_id:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
-    if len(session_id) > MAX_SESSION_ID_CHARS:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"session_id has {len(session_id)} characters; ids are at most {MAX_SESSION_ID_CHARS}")
 
 
 def _replay(session: opb.Session, delivery: Delivery):

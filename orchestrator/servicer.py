@@ -1,71 +1,35 @@
-"""The gRPC face of the orchestrator."""
+"""The gRPC face of the orchestrator (errors become statuses in common.grpc_server.guarded)."""
 
-import functools
-import logging
-
-import grpc
-
+from common.grpc_server import guarded
 from rstitch.v1 import orchestrator_pb2 as opb
 from rstitch.v1 import orchestrator_pb2_grpc
 
-from .service import Orchestrator, RequestError
-
-log = logging.getLogger(__name__)
-
-
-def _abort_on_error(context, error: Exception):
-    if isinstance(error, RequestError):
-        context.abort(error.code, str(error))
-    log.exception("request failed", exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"orchestrator error: {error!r}")
-
-
-def _guarded(method):
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as e:
-            _abort_on_error(context, e)
-
-    return wrapper
-
-
-def _streamed(events, context):
-    try:
-        for event in events:
-            if not context.is_active():  # client cancelled or disconnected
-                return
-            yield event
-    except Exception as e:
-        _abort_on_error(context, e)
-    finally:
-        events.close()  # a caller that went away ends the session at this span boundary
+from .service import Orchestrator
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, orchestrator: Orchestrator):
         self.orchestrator = orchestrator
 
+    @guarded
     def Generate(self, request, context):
-        yield from _streamed(self.orchestrator.generate(request.spec, context.time_remaining(), context.is_active),
-                             context)
+        yield from self.orchestrator.generate(request.spec, context.time_remaining(), context.is_active)
 
+    @guarded
     def Resume(self, request, context):
-        yield from _streamed(
-            self.orchestrator.resume(request.session_id, request.received_tokens, context.time_remaining(),
-                                     context.is_active), context)
+        yield from self.orchestrator.resume(request.session_id, request.received_tokens, context.time_remaining(),
+                                            context.is_active)
 
-    @_guarded
+    @guarded
     def Complete(self, request, context):
         session = self.orchestrator.complete(request.spec, context.time_remaining(), context.is_active)
         return opb.CompleteResponse(session=session)
 
-    @_guarded
+    @guarded
     def GetSession(self, request, context):
         return opb.GetSessionResponse(session=self.orchestrator.session(request.session_id))
 
-    @_guarded
+    @guarded
     def Cancel(self, request, context):
         return opb.CancelResponse(status=self.orchestrator.cancel(request.session_id))
 

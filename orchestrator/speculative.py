@@ -11,41 +11,60 @@ from .policies import LLM, SLM
 
 def speculate(progress: Progress, engines: dict, journal, draft_tokens: int, budget: Budget
               ) -> Iterator[opb.SpanRecord]:
-    """The SLM drafts up to k tokens; the LLM appends them in one verify prefill and returns its own
-    greedy choice after each; the longest agreeing prefix plus the LLM's choice at the first
-    disagreement is kept, and both caches roll back to it. The output is the LLM's greedy output."""
+    """The SLM drafts up to k tokens; the LLM appends them in one verify prefill. Greedy: the LLM
+    returns its own choice after each, and the longest agreeing prefix plus the LLM's choice at the
+    first disagreement is kept: the LLM's greedy output. Sampling: the LLM accepts or rejects each
+    drafted token by the drafts' distributions and its own (engine.proto draft_distributions): the
+    LLM's sampling distribution. Both caches roll back to what is kept."""
+    sampled = progress.sampling.temperature > 0
     while True:
         start = len(progress.sequence)
         remaining = progress.room  # the LLM's verify prefill appends every drafted token
-        rule = epb.SpanRule(max_tokens=min(draft_tokens, remaining), stop_token_ids=progress.stop_token_ids)
+        rule = progress.ruled(epb.SpanRule(max_tokens=min(draft_tokens, remaining),
+                                           stop_token_ids=progress.stop_token_ids, return_distributions=sampled))
         draft = advance(engines[SLM], progress, SLM, rule, budget).span
         drafted = list(draft.token_ids)
         if not drafted:  # the SLM could not draft: its context is full
             progress.finish_reason = finish_reason(progress, context_full=True)
             return
-        verified = advance(engines[LLM], progress, LLM, epb.SpanRule(max_tokens=0), budget, draft=drafted)
-        # The LLM's choices after the sequence's last token and after each drafted token.
-        choices = verified.greedy_token_ids[-len(drafted) - 1:]
-        entropies = verified.greedy_entropies[-len(drafted) - 1:]
-        accepted = 0
-        while accepted < len(drafted) and drafted[accepted] == choices[accepted]:
-            accepted += 1
+        verified = advance(engines[LLM], progress, LLM, progress.ruled(epb.SpanRule(max_tokens=0)), budget,
+                           draft=drafted, draft_distributions=draft.distributions if sampled else ())
+        accepted, next_token, next_entropy, next_logprobs = _verdict(verified, drafted, sampled)
         kept = drafted[:accepted]
         ends = any(t in progress.stop_token_ids for t in kept) or accepted == remaining
-        correction = [] if ends else [choices[accepted]]
+        correction = [] if ends else [next_token]
         roll_back(engines[LLM], progress, LLM, start + accepted, budget)
         roll_back(engines[SLM], progress, SLM, start + accepted, budget)
         progress.stats.drafted_tokens += len(drafted)
         progress.stats.accepted_tokens += accepted
         cancel_requested = False
-        for role, tokens, ents, timings in ((SLM, kept, draft.entropies[:accepted], draft.timings),
-                                            (LLM, correction, entropies[accepted:accepted + 1], verified.span.timings)):
-            record = progress.commit(role, epb.Span(token_ids=tokens, entropies=ents, timings=timings))
+        corrected = epb.Span(token_ids=correction, entropies=[next_entropy][:len(correction)],
+                             logprobs=[next_logprobs][:len(correction)] if progress.top_logprobs >= 0 else [],
+                             timings=verified.span.timings)
+        for role, span in ((SLM, epb.Span(token_ids=kept, entropies=draft.entropies[:accepted],
+                                          logprobs=draft.logprobs[:accepted], timings=draft.timings)),
+                           (LLM, corrected)):
+            record = progress.commit(role, span)
             cancel_requested |= journal.log(progress, record)
             yield record
+            if progress.stops is not None and progress.stops.ended_at is not None:
+                break  # a stop string ended the answer in the drafted tokens
         progress.finish_reason = finish_reason(progress)
         if progress.finish_reason == opb.FINISH_REASON_UNSPECIFIED and cancel_requested:
             progress.finish_reason = opb.FINISH_REASON_CANCELLED
         if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
             return
 
+
+def _verdict(verified: epb.PrefillResponse, drafted: list[int], sampled: bool):
+    """(accepted drafted tokens, the LLM's token after them, its entropy, its logprobs)."""
+    if sampled:
+        return verified.accepted, verified.next_token_id, verified.next_entropy, verified.next_logprobs
+    # The LLM's choices after the sequence's last token and after each drafted token.
+    choices = verified.greedy_token_ids[-len(drafted) - 1:]
+    entropies = verified.greedy_entropies[-len(drafted) - 1:]
+    logprobs = verified.greedy_logprobs[-len(drafted) - 1:] or [epb.TokenLogprobs()] * len(choices)
+    accepted = 0
+    while accepted < len(drafted) and drafted[accepted] == choices[accepted]:
+        accepted += 1
+    return accepted, choices[accepted], entropies[accepted], logprobs[accepted]

@@ -15,6 +15,7 @@ lost reply is applied once.
 import threading
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -98,12 +99,8 @@ class SessionStore(ABC):
     def append(self, lease: Lease, index: int, record: opb.SpanRecord, synced: dict, stats: opb.Stats,
                next_role: int, replicas: dict | None = None) -> bool:
         """Log span number `index` (one round trip). Returns whether a cancel was requested."""
-        fields = {"stats": stats.SerializeToString(), "synced_slm": synced[SLM], "synced_llm": synced[LLM],
-                  "next_role": next_role}
-        for role, name in ((SLM, "slm_replica"), (LLM, "llm_replica")):
-            if replicas and role in replicas:
-                fields[name] = replicas[role].encode()
-        return self._write(lease, index, record.SerializeToString(), fields, hold=True)
+        return self._write(lease, index, record.SerializeToString(), cursor_fields(synced, stats, next_role, replicas),
+                           hold=True)
 
     def finish(self, lease: Lease, status: int, reason: int, stats: opb.Stats, text: str, error: str = "") -> None:
         fields = {"status": status, "finish_reason": reason, "stats": stats.SerializeToString(),
@@ -145,6 +142,16 @@ class SessionStore(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+
+def cursor_fields(synced: dict, stats: opb.Stats, next_role: int, replicas: dict | None = None) -> dict:
+    """Where the loop stands, as the session's hash keeps it beside the log."""
+    fields = {"stats": stats.SerializeToString(), "synced_slm": synced[SLM], "synced_llm": synced[LLM],
+              "next_role": next_role}
+    for role, name in ((SLM, "slm_replica"), (LLM, "llm_replica")):
+        if replicas and role in replicas:
+            fields[name] = replicas[role].encode()
+    return fields
 
 
 def _redacted(url: str) -> str:
@@ -361,16 +368,38 @@ class MemorySessionStore(SessionStore):
         return "an in-process store (sessions are lost when this process stops)"
 
 
+# Writes of all sessions, off their loops' critical path (each session has at most one in flight).
+_WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
+
+
 class Journal:
-    """One replica's writes to one session, under the lease it holds."""
+    """One replica's writes to one session, under the lease it holds.
+
+    A span's append runs behind the loop, while the engines already work on the next span: the log
+    may trail the tokens a client has seen by a span, which Resume re-derives (decoding is
+    deterministic). Appends stay in order (one in flight; the next waits for it), and what an append
+    raised (Fenced, StoreUnavailable) or answered (a cancel request) reaches the loop at its next
+    span boundary, one span late. `close()` waits for the last one.
+    """
 
     def __init__(self, store: SessionStore, lease: Lease):
         self.store, self.lease = store, lease
+        self._in_flight: Future | None = None
+        self._cancel = False
 
     def log(self, progress, record: opb.SpanRecord) -> bool:
-        """Append a span of `progress` (a loop.Progress) with where the loop stands; returns the cancel flag."""
+        """Append a span of `progress` (a loop.Progress) with where the loop stands; returns the cancel
+        flag as the last finished append saw it."""
         index = progress.logged if record.token_ids else -1  # empty spans change the cursor only
-        cancel = self.store.append(self.lease, index, record, progress.synced, progress.stats, progress.role,
-                                   progress.replicas)
+        fields = cursor_fields(progress.synced, progress.stats, progress.role, progress.replicas)
+        self.close()
+        self._in_flight = _WRITERS.submit(self.store._write, self.lease, index, record.SerializeToString(), fields,
+                                          True)
         progress.logged += index >= 0
-        return cancel
+        return self._cancel
+
+    def close(self) -> None:
+        """Wait for the append in flight; raises what it raised."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            self._cancel |= in_flight.result()

@@ -2,7 +2,7 @@
 
 The trace of a generation is the orchestrator's server span of the Generate (or Resume) call: it
 carries the session id and policy, and one `rstitch.switch` event per switch; the engine calls
-under it are client spans (engine.telemetry).
+under it are client spans (common.telemetry).
 """
 
 from opentelemetry import trace

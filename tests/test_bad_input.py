@@ -15,8 +15,8 @@ from typing import Callable
 import grpc
 import pytest
 
-from engine.errors import CACHE_LEN_KEY
-from engine.grpc_server import start_server
+from common.errors import CACHE_LEN_KEY
+from common.grpc_server import start_server
 from engine.servicer import SERVICE_NAME as ENGINE_SERVICE
 from engine.servicer import EngineServicer
 from orchestrator.engine_client import GrpcEngineClient

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.default_models import build_tokenizer
-from engine.errors import InvalidRequest
+from common.errors import InvalidRequest
 from engine.hf import HFEngine
 from orchestrator.engine_client import LocalEngineClient
 from orchestrator.policies import LLM, SLM

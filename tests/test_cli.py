@@ -30,8 +30,8 @@ from .test_security import make_cert
 REFUSED = "127.0.0.1:1"  # nothing listens on port 1: a connection is refused at once
 UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
 POLICIES = ["entropy", "llm", "slm", "random", "spec", "router"]
-APPLIES_TO = {"--tau": {"entropy", "router"}, "--slm-probability": {"random"}, "--seed": {"random"},
-              "--draft-tokens": {"spec"}, "--router": {"router"}}
+APPLIES_TO = {"--tau": {"entropy", "router"}, "--slm-probability": {"random"}, "--draft-tokens": {"spec"},
+              "--router": {"router"}}
 CLIENT_ENV = ("RSTITCH_ORCHESTRATOR", "RSTITCH_TOKEN")
 FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -140,8 +140,21 @@ BAD_GENERATE = {
     "message and token-ids": (["--token-ids", "--message", "user:hello"], "--message"),
     "raw with token-ids": (["--raw", "--token-ids", "5 6"], "--raw"),
     "raw with message": (["--raw", "--message", "user:hello"], "--raw"),
-    "seed with spec": (["--policy", "spec", "--seed", "3", "hi"], "--seed"),
-    "seed with the default policy": (["--seed", "0", "hi"], "--seed"),
+    "temperature -0.1": (["--temperature", "-0.1", "hi"], "--temperature"),
+    "temperature nan": (["--temperature", "nan", "hi"], "--temperature"),
+    "temperature inf": (["--temperature", "inf", "hi"], "--temperature"),
+    "top-p 0": (["--top-p", "0", "hi"], "--top-p"),
+    "top-p 1.5": (["--top-p", "1.5", "hi"], "--top-p"),
+    "top-p nan": (["--top-p", "nan", "hi"], "--top-p"),
+    "top-k -1": (["--top-k", "-1", "hi"], "--top-k"),
+    "top-k 2**32": (["--top-k", str(2**32), "hi"], "--top-k"),
+    "min-p -0.5": (["--min-p", "-0.5", "hi"], "--min-p"),
+    "min-p 1.5": (["--min-p", "1.5", "hi"], "--min-p"),
+    "stop empty": (["--stop", "", "hi"], "--stop"),
+    "stop too long": (["--stop", "x" * 257, "hi"], "--stop"),
+    "stop too many": ([arg for _ in range(17) for arg in ("--stop", "x")] + ["hi"], "--stop"),
+    "logprobs 21": (["--logprobs", "21", "hi"], "--logprobs"),
+    "logprobs -1": (["--logprobs", "-1", "hi"], "--logprobs"),
     "tau with random": (["--policy", "random", "--tau", "0.5", "hi"], "--tau"),
     "tau with llm": (["--policy", "llm", "--tau", "0.5", "hi"], "--tau"),
     "slm-probability with entropy": (["--slm-probability", "0.5", "hi"], "--slm-probability"),
@@ -197,6 +210,8 @@ GOOD_WITHOUT_SERVER = {
     "messages": ["--message", "system:Be brief.", "--message", "user:What is 7*8?", "--message", "assistant:"],
     "stop-token-ids at the ends of the range": ["--stop-token-id", "0", "--stop-token-id", str(UINT32_MAX), "hi"],
     "random with every knob": ["--policy", "random", "--seed", str(UINT64_MAX), "--slm-probability", "1", "hi"],
+    "sampled with every knob": ["--temperature", "0.6", "--top-p", "0.95", "--top-k", "40", "--min-p", "0.05",
+                                "--seed", "7", "--stop", "A:", "--stop", ";", "--logprobs", "20", "hi"],
     "spec with draft-tokens": ["--policy", "spec", "--draft-tokens", str(UINT32_MAX), "hi"],
     "router with a file": ["--policy", "router", "--tau", "0", "--router", "{router}", "hi"],
     "llm without knobs": ["--policy", "llm", "--max-new-tokens", str(UINT32_MAX), "hi"],
@@ -247,7 +262,8 @@ def test_a_real_process_writes_one_line_for_bytes_a_shell_may_pass():
 
 # --- --help shows every default ------------------------------------------------------------------------
 
-OFF_UNLESS_GIVEN = {"--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name", "--message", "--stop-token-id"}
+OFF_UNLESS_GIVEN = {"--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name", "--message", "--stop-token-id", "--stop",
+                    "--logprobs"}
 
 
 def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -398,13 +414,23 @@ def generate_invocations(draw, files):
         inv.problem("--policy")
     given = {"--tau": inv.option("--tau", number_text, is_fraction),
              "--slm-probability": inv.option("--slm-probability", number_text, is_fraction),
-             "--seed": inv.option("--seed", integer_text, lambda t: as_int(t, UINT64_MAX) is not None),
              "--draft-tokens": inv.option("--draft-tokens", integer_text, lambda t: as_int(t, UINT32_MAX) is not None),
              "--router": inv.option("--router", st.one_of(st.sampled_from(list(files.values())), any_text),
                                     is_router_file)}
     for flag, value in given.items():
         if value is not None and policy in POLICIES and policy not in APPLIES_TO[flag]:
             inv.problem(flag)
+    inv.option("--seed", integer_text, lambda t: as_int(t, UINT64_MAX) is not None)
+    inv.option("--temperature", number_text, lambda t: (v := as_number(t)) is not None and 0 <= v < float("inf"))
+    inv.option("--top-p", number_text, lambda t: (v := as_number(t)) is not None and 0 < v <= 1)
+    inv.option("--top-k", integer_text, lambda t: as_int(t, UINT32_MAX) is not None)
+    inv.option("--min-p", number_text, is_fraction)
+    inv.option("--logprobs", integer_text, lambda t: as_int(t, 20) is not None)
+    for _ in range(draw(st.integers(0, 2))):
+        value = draw(st.one_of(st.just("A:"), any_text))
+        inv.argv.append(f"--stop={value}")
+        if not (value and 0 < len(value) <= 256 and is_utf8(value)):
+            inv.problem("--stop")
     inv.option("--max-new-tokens", integer_text, lambda t: as_int(t, UINT32_MAX) is not None)
     for _ in range(draw(st.integers(0, 2))):
         value = draw(integer_text)
@@ -526,8 +552,7 @@ def test_fuzzed_argument_lists(argv):
 # --- the Python client refuses what the CLI refuses ------------------------------------------------------
 
 
-@pytest.mark.parametrize("options, option", [(dict(policy="spec", seed=3), "seed"),
-                                             (dict(policy="random", tau=0.5), "tau"),
+@pytest.mark.parametrize("options, option", [(dict(policy="random", tau=0.5), "tau"),
                                              (dict(policy="llm", slm_probability=0.5), "slm_probability"),
                                              (dict(policy="entropy", draft_tokens=4), "draft_tokens"),
                                              (dict(policy="spec", router=b""), "router")])

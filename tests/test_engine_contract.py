@@ -7,8 +7,8 @@ real gRPC server on loopback. Both must answer identically, errors included.
 import pytest
 import torch
 
-from engine import errors
-from engine.grpc_server import start_server
+from common import errors
+from common.grpc_server import start_server
 from engine.servicer import SERVICE_NAME, EngineServicer
 from orchestrator.engine_client import GrpcEngineClient, LocalEngineClient
 from rstitch.v1 import engine_pb2 as pb

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from engine import cli as engine_cli
 from engine.cli import make_parser as engine_parser
 from engine.cli import parse_args as engine_args
-from engine.grpc_server import start_server
+from common.grpc_server import start_server
 from engine.servicer import SERVICE_NAME as ENGINE_SERVICE
 from engine.servicer import EngineServicer
 from orchestrator import __main__ as orchestrator_main

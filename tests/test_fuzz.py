@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.errors import CACHE_LEN_KEY
+from common.errors import CACHE_LEN_KEY
 from rstitch.local import LocalDeployment
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import engine_pb2_grpc

@@ -6,8 +6,8 @@ import time
 import grpc
 import pytest
 
-from engine import errors
-from engine.grpc_server import start_server
+from common import errors
+from common.grpc_server import start_server
 from engine.hf import HFEngine
 from orchestrator.engine_client import LocalEngineClient
 from orchestrator.service import Orchestrator, RequestError, Settings

@@ -206,7 +206,7 @@ def test_metrics_after_a_generation(deployment, generation):
     assert orchestrator[("rstitch_sessions_active", ())] == 0 and orchestrator[("rstitch_queue_depth", ())] == 0
 
     for role in ("slm", "llm"):
-        engine = _scrape(deployment.metrics_ports[role])
+        engine = _released(deployment.metrics_ports[role])
         assert _total(engine, "rstitch_rpc_seconds_count", method="rstitch.v1.Engine/StreamSpan", code="OK") >= 1
         assert _total(engine, "rstitch_rpc_seconds_count", method="rstitch.v1.Engine/Release", code="OK") == 1
         labels = (("model", role),)
@@ -217,6 +217,17 @@ def test_metrics_after_a_generation(deployment, generation):
         assert engine[("rstitch_queue_depth", labels)] == 0
 
 
+def _released(port: int, timeout_s: float = 10.0) -> dict:
+    """The engine's metrics once the orchestrator's Release has arrived (it is sent behind the answer)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = _scrape(port)
+        done = _total(metrics, "rstitch_rpc_seconds_count", method="rstitch.v1.Engine/Release", code="OK") >= 1
+        if done or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("env, on", [
     ({}, False),
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, True),
@@ -225,6 +236,6 @@ def test_metrics_after_a_generation(deployment, generation):
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_TRACES_EXPORTER": "none"}, False),
 ])
 def test_tracing_is_on_only_when_the_environment_asks(env, on):
-    from engine.telemetry import tracing_configured
+    from common.telemetry import tracing_configured
 
     assert tracing_configured(env) == on

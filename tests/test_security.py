@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.grpc_server import start_server
+from common.grpc_server import start_server
 from orchestrator.auth import BearerTokenInterceptor
 from orchestrator.engine_client import LocalEngineClient
 from orchestrator.service import Orchestrator

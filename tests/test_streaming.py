@@ -4,7 +4,7 @@ token as it is decoded, before the span ends and is logged."""
 import grpc
 import pytest
 
-from engine.grpc_server import start_server
+from common.grpc_server import start_server
 from engine.servicer import SERVICE_NAME, EngineServicer
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import engine_pb2_grpc

@@ -15,7 +15,15 @@ import time
 
 import grpc
 
-from .client import POLICIES, OptionNotForPolicy, RStitchClient, check_policy_options
+from .client import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
+    POLICIES,
+    OptionNotForPolicy,
+    RStitchClient,
+    check_policy_options,
+)
 from .security import add_client_tls_args, add_token_arg, client_tls_from_args
 
 LLM_STYLE, RESET = "\033[1;33m", "\033[0m"  # bold yellow: written by the LLM
@@ -92,6 +100,26 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise argparse.ArgumentTypeError(f"{shown(text)} is not a number in [0, 1]")
     return value
+
+
+def non_negative(text: str) -> float:
+    value = number(text)
+    if not 0.0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number >= 0")
+    return value
+
+
+def probability(text: str) -> float:
+    value = number(text)
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number in (0, 1]")
+    return value
+
+
+def stop_string(text: str) -> str:
+    if not nonempty_text(text) or len(text) > MAX_STOP_CHARS:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not 1 to {MAX_STOP_CHARS} characters")
+    return text
 
 
 def seconds(text: str) -> float:
@@ -182,7 +210,9 @@ def generation_options(args) -> dict:
         parser.error("give a PROMPT or --message ROLE:CONTENT")
     if args.raw and (args.token_ids or args.messages):
         parser.error("argument --raw: applies to a text PROMPT only")
-    knobs = dict(tau=args.tau, slm_probability=args.slm_probability, seed=args.seed, draft_tokens=args.draft_tokens)
+    if args.stop and len(args.stop) > MAX_STOP_STRINGS:
+        parser.error(f"argument --stop: at most {MAX_STOP_STRINGS} stop strings, got {len(args.stop)}")
+    knobs = dict(tau=args.tau, slm_probability=args.slm_probability, draft_tokens=args.draft_tokens)
     try:
         check_policy_options(args.policy, router=args.router, **knobs)
     except OptionNotForPolicy as e:
@@ -191,7 +221,9 @@ def generation_options(args) -> dict:
     prompt = token_ids(parser, args.prompt) if args.token_ids else args.prompt
     router = read_router(parser, args.router) if args.router is not None else None
     return dict(prompt=prompt, messages=args.messages, policy=args.policy, max_new_tokens=args.max_new_tokens,
-                raw=args.raw, stop_token_ids=args.stop_token_ids or (), router=router, **knobs)
+                raw=args.raw, stop_token_ids=args.stop_token_ids or (), router=router, seed=args.seed,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                stop=args.stop or (), logprobs=args.logprobs, **knobs)
 
 
 def token_ids(parser, text: str) -> list[int]:
@@ -283,7 +315,7 @@ def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None
 def add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="run one generation on an orchestrator", formatter_class=DefaultsHelpFormatter,
                        description="Run one generation. An option that does not apply to the chosen --policy is "
-                                   "refused: --tau (entropy, router), --slm-probability and --seed (random), "
+                                   "refused: --tau (entropy, router), --slm-probability (random), "
                                    "--draft-tokens (spec), --router (router).")
     g.add_argument("prompt", nargs="?", type=nonempty_text,
                    help="text (through the chat template when the model has one), or ids with --token-ids")
@@ -294,7 +326,21 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--slm-probability", type=fraction,
                    help="random policy: the chance in [0, 1] that a token goes to the SLM (default: 0.5)")
     g.add_argument("--seed", type=integer_in(0, UINT64_MAX),
-                   help="random policy: seed of the routing draws (default: 0)")
+                   help="seed of every random draw (sampled tokens, random routing, speculative acceptance); the "
+                        "same seed gives the same answer (default: the server picks one)")
+    g.add_argument("--temperature", type=non_negative,
+                   help="sampling temperature >= 0; 0 is greedy decoding (default: 0)")
+    g.add_argument("--top-p", type=probability, help="nucleus sampling: keep the most likely tokens up to this "
+                                                     "much probability, in (0, 1] (default: 1, all)")
+    g.add_argument("--top-k", type=integer_in(0, UINT32_MAX), help="sample among the k most likely tokens "
+                                                                   "(default: 0, all)")
+    g.add_argument("--min-p", type=fraction, help="keep tokens at least this fraction as likely as the most likely "
+                                                  "one, in [0, 1] (default: 0)")
+    g.add_argument("--stop", dest="stop", action="append", type=stop_string, metavar="TEXT",
+                   help=f"a string that ends the answer (finish reason stop; not part of the text); repeatable, "
+                        f"at most {MAX_STOP_STRINGS} of at most {MAX_STOP_CHARS} characters")
+    g.add_argument("--logprobs", type=integer_in(0, MAX_TOP_LOGPROBS), metavar="N",
+                   help="with --json: each token's log-probability and its N most likely alternatives'")
     g.add_argument("--draft-tokens", type=integer_in(0, UINT32_MAX),
                    help="spec policy: tokens drafted per verification (default: 4)")
     g.add_argument("--router", metavar="FILE",

@@ -25,6 +25,8 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
+    # Per token, with logprobs asked: {"logprob": float, "top": [(token_id, logprob), ...]}.
+    logprobs: list[dict] = field(default_factory=list)
     # (source, text) per span, for showing which model wrote what.
     pieces: list[tuple[str, str]] = field(default_factory=list)
     finish_reason: str = ""
@@ -36,8 +38,11 @@ class GenerationResult:
 
 # The policies each option applies to: make_spec (and so the CLI) refuses it with any other policy,
 # rather than sending a knob that would be silently ignored.
-POLICY_OPTIONS = {"tau": ("entropy", "router"), "slm_probability": ("random",), "seed": ("random",),
-                  "draft_tokens": ("spec",), "router": ("router",)}
+POLICY_OPTIONS = {"tau": ("entropy", "router"), "slm_probability": ("random",), "draft_tokens": ("spec",),
+                  "router": ("router",)}
+# Limits of a GenerationSpec (orchestrator.proto), checked here and by the server alike.
+MAX_TOP_LOGPROBS = 20  # alternatives a request may ask log-probabilities of (as OpenAI's API)
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 
 
 class OptionNotForPolicy(ValueError):
@@ -58,23 +63,29 @@ def check_policy_options(policy: str, **options) -> None:
 def make_spec(prompt: str | Sequence[int] | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
               policy: str = "entropy", tau: float | None = None, max_new_tokens: int = 0, raw: bool = False,
               stop_token_ids: Sequence[int] = (), slm_probability: float | None = None, seed: int | None = None,
-              draft_tokens: int | None = None, router: bytes | None = None) -> opb.GenerationSpec:
+              draft_tokens: int | None = None, router: bytes | None = None, temperature: float | None = None,
+              top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+              stop: Sequence[str] = (), logprobs: int | None = None) -> opb.GenerationSpec:
     """The request for one generation; raises ValueError for one that cannot be made.
 
     prompt: text (through the model's chat template unless raw) or token ids; or instead messages:
     chat messages [{"role": "user", "content": "..."}, ...]. stop_token_ids: ids that end the answer
-    besides the model's EOS (finish reason "stop"). Policy knobs (None: not given, the server's
-    default): tau for entropy and router, slm_probability and seed for random, draft_tokens for
-    spec, router (a router file's bytes; b"": the orchestrator's own) for router. A knob given with
-    another policy raises OptionNotForPolicy.
+    besides the model's EOS (finish reason "stop"); stop: strings that do (the text stops before them).
+    Sampling (None: not given): temperature (0: greedy, the default), top_p, top_k, min_p; seed: of every
+    random draw (sampling, random routing, speculative acceptance; None: the server picks one).
+    logprobs: N to get each token's log-probability and its N most likely alternatives'. Policy knobs
+    (None: the server's default): tau for entropy and router, slm_probability for random,
+    draft_tokens for spec, router (a router file's bytes; b"": the orchestrator's own) for router. A
+    knob given with another policy raises OptionNotForPolicy.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    check_policy_options(policy, tau=tau, slm_probability=slm_probability, seed=seed, draft_tokens=draft_tokens,
-                         router=router)
+    check_policy_options(policy, tau=tau, slm_probability=slm_probability, draft_tokens=draft_tokens, router=router)
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
     spec = opb.GenerationSpec(policy=POLICIES[policy], max_new_tokens=max_new_tokens, raw=raw,
-                              stop_token_ids=stop_token_ids, seed=seed or 0, draft_tokens=draft_tokens or 0,
-                              router=router or b"")
+                              stop_token_ids=stop_token_ids, draft_tokens=draft_tokens or 0, router=router or b"",
+                              top_k=top_k or 0, stop=stop, logprobs=logprobs is not None, top_logprobs=logprobs or 0)
     if (prompt is None) == (messages is None):
         raise ValueError("give either a prompt (text or token ids) or messages")
     if messages is not None:
@@ -83,10 +94,10 @@ def make_spec(prompt: str | Sequence[int] | None = None, *, messages: Sequence[M
         spec.text = prompt
     else:
         spec.token_ids.token_ids.extend(prompt)
-    if tau is not None:
-        spec.tau = tau
-    if slm_probability is not None:
-        spec.slm_probability = slm_probability
+    for name, value in (("tau", tau), ("slm_probability", slm_probability), ("seed", seed),
+                        ("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
+        if value is not None:
+            setattr(spec, name, value)
     return spec
 
 
@@ -159,10 +170,12 @@ def _gather(events, result: GenerationResult, on_text=None) -> GenerationResult:
             result.prompt_token_ids = list(event.started.prompt_token_ids)
         elif kind == "delta":
             span = event.delta.span
-            source = SOURCE_NAMES[span.source]
+            source = SOURCE_NAMES.get(span.source, "")  # "": the text held back for stop strings, at the end
             result.token_ids += span.token_ids
             result.sources += [source] * len(span.token_ids)
             result.entropies += span.entropies
+            result.logprobs += [{"logprob": lp.logprob, "top": list(zip(lp.top_token_ids, lp.top_logprobs))}
+                                for lp in span.logprobs]
             result.pieces.append((source, event.delta.text))
             if on_text is not None and event.delta.text:
                 on_text(source, event.delta.text)

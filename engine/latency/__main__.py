@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import build_engine, parse_args as engine_args
+from ..cli import build_engine
+from ..cli import parse_args as engine_args
 from ..default_models import default_model_path
 from . import FILE_NAME, LatencyModel, fit, key, profile
 

@@ -29,29 +29,73 @@ STOP_REASON_STOP_TOKEN: StopReason
 STOP_REASON_CONTEXT_FULL: StopReason
 STOP_REASON_GATE: StopReason
 
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
 class SpanRule(_message.Message):
-    __slots__ = ("max_tokens", "stop_token_ids", "gate", "tau", "return_hidden")
+    __slots__ = ("max_tokens", "stop_token_ids", "gate", "tau", "return_hidden", "sampling", "position", "logprobs", "top_logprobs", "return_distributions")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
     RETURN_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     gate: Gate
     tau: float
     return_hidden: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., gate: _Optional[_Union[Gate, str]] = ..., tau: _Optional[float] = ..., return_hidden: _Optional[bool] = ...) -> None: ...
+    sampling: Sampling
+    position: int
+    logprobs: bool
+    top_logprobs: int
+    return_distributions: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., gate: _Optional[_Union[Gate, str]] = ..., tau: _Optional[float] = ..., return_hidden: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., position: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., return_distributions: _Optional[bool] = ...) -> None: ...
+
+class TokenLogprobs(_message.Message):
+    __slots__ = ("logprob", "top_token_ids", "top_logprobs")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Distribution(_message.Message):
+    __slots__ = ("token_ids", "probs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("token_id", "entropy", "hidden")
+    __slots__ = ("token_id", "entropy", "hidden", "logprobs")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     entropy: float
     hidden: bytes
-    def __init__(self, token_id: _Optional[int] = ..., entropy: _Optional[float] = ..., hidden: _Optional[bytes] = ...) -> None: ...
+    logprobs: TokenLogprobs
+    def __init__(self, token_id: _Optional[int] = ..., entropy: _Optional[float] = ..., hidden: _Optional[bytes] = ..., logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "forward_ms", "forwards", "first_token_ms")
@@ -66,52 +110,70 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., forwards: _Optional[int] = ..., first_token_ms: _Optional[float] = ...) -> None: ...
 
 class Span(_message.Message):
-    __slots__ = ("token_ids", "entropies", "candidate", "stop_reason", "cache_len", "timings")
+    __slots__ = ("token_ids", "entropies", "candidate", "stop_reason", "cache_len", "timings", "logprobs", "distributions")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ENTROPIES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     CACHE_LEN_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     entropies: _containers.RepeatedScalarFieldContainer[float]
     candidate: Candidate
     stop_reason: StopReason
     cache_len: int
     timings: Timings
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ..., candidate: _Optional[_Union[Candidate, _Mapping]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., cache_len: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
+    distributions: _containers.RepeatedCompositeFieldContainer[Distribution]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ..., candidate: _Optional[_Union[Candidate, _Mapping]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., cache_len: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("session_id", "base_len", "token_ids", "rule", "verify")
+    __slots__ = ("session_id", "base_len", "token_ids", "rule", "verify", "draft_distributions")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     base_len: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     rule: SpanRule
     verify: bool
-    def __init__(self, session_id: _Optional[str] = ..., base_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rule: _Optional[_Union[SpanRule, _Mapping]] = ..., verify: _Optional[bool] = ...) -> None: ...
+    draft_distributions: _containers.RepeatedCompositeFieldContainer[Distribution]
+    def __init__(self, session_id: _Optional[str] = ..., base_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rule: _Optional[_Union[SpanRule, _Mapping]] = ..., verify: _Optional[bool] = ..., draft_distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("span", "greedy_token_ids", "greedy_entropies")
+    __slots__ = ("span", "greedy_token_ids", "greedy_entropies", "accepted", "next_token_id", "next_entropy", "next_logprobs", "greedy_logprobs")
     SPAN_FIELD_NUMBER: _ClassVar[int]
     GREEDY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GREEDY_ENTROPIES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     span: Span
     greedy_token_ids: _containers.RepeatedScalarFieldContainer[int]
     greedy_entropies: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., greedy_token_ids: _Optional[_Iterable[int]] = ..., greedy_entropies: _Optional[_Iterable[float]] = ...) -> None: ...
+    accepted: int
+    next_token_id: int
+    next_entropy: float
+    next_logprobs: TokenLogprobs
+    greedy_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
+    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., greedy_token_ids: _Optional[_Iterable[int]] = ..., greedy_entropies: _Optional[_Iterable[float]] = ..., accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., next_entropy: _Optional[float] = ..., next_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., greedy_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class CommittedToken(_message.Message):
-    __slots__ = ("token_id", "entropy")
+    __slots__ = ("token_id", "entropy", "logprobs")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     entropy: float
-    def __init__(self, token_id: _Optional[int] = ..., entropy: _Optional[float] = ...) -> None: ...
+    logprobs: TokenLogprobs
+    def __init__(self, token_id: _Optional[int] = ..., entropy: _Optional[float] = ..., logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class StreamSpanRequest(_message.Message):
     __slots__ = ("prefill",)

@@ -1,3 +1,4 @@
+from rstitch.v1 import engine_pb2 as _engine_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -84,7 +85,7 @@ class TokenIds(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationSpec(_message.Message):
-    __slots__ = ("text", "messages", "token_ids", "raw", "policy", "tau", "max_new_tokens", "stop_token_ids", "slm_probability", "seed", "draft_tokens", "router")
+    __slots__ = ("text", "messages", "token_ids", "raw", "policy", "tau", "max_new_tokens", "stop_token_ids", "slm_probability", "seed", "draft_tokens", "router", "temperature", "top_p", "top_k", "min_p", "stop", "logprobs", "top_logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +98,13 @@ class GenerationSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     messages: Messages
     token_ids: TokenIds
@@ -109,7 +117,14 @@ class GenerationSpec(_message.Message):
     seed: int
     draft_tokens: int
     router: bytes
-    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., slm_probability: _Optional[float] = ..., seed: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., router: _Optional[bytes] = ...) -> None: ...
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., slm_probability: _Optional[float] = ..., seed: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., router: _Optional[bytes] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("spec",)
@@ -118,14 +133,16 @@ class GenerateRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[GenerationSpec, _Mapping]] = ...) -> None: ...
 
 class SpanRecord(_message.Message):
-    __slots__ = ("source", "token_ids", "entropies")
+    __slots__ = ("source", "token_ids", "entropies", "logprobs")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ENTROPIES_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     source: Source
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     entropies: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, source: _Optional[_Union[Source, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_engine_pb2.TokenLogprobs]
+    def __init__(self, source: _Optional[_Union[Source, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[_Union[_engine_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("slm_tokens", "llm_tokens", "switches", "spans", "slm_prefill_tokens", "llm_prefill_tokens", "gated_tokens", "latency_ms", "slm_forward_ms", "llm_forward_ms", "drafted_tokens", "accepted_tokens", "router_kept_tokens")

@@ -95,7 +95,8 @@ class OrchestratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Stops a running session at its next span boundary. Cancelling a finished session is a no-op.
+        """Stops a running session within two span boundaries (the replica driving it reads the request
+        with the log write of a span, which runs behind the loop). Cancelling a finished session is a no-op.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

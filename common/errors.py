@@ -1,4 +1,4 @@
-"""Errors an engine raises, each carrying the gRPC status the caller sees.
+"""Errors an engine raises, each carrying the gRPC status the caller sees (common.grpc_server.guarded).
 
 The same classes are raised by in-process engines and rebuilt from gRPC errors by the orchestrator's
 engine client, so the stitching loop handles both transports with one set of except clauses.
@@ -19,6 +19,11 @@ class EngineError(Exception):
     def __init__(self, message: str, cache_len: int | None = None):
         super().__init__(message)
         self.cache_len = cache_len
+
+    def trailing_metadata(self) -> list[tuple[str, str]]:
+        """What the caller needs to repair: the engine's real cache length, whether to retry."""
+        metadata = [(CACHE_LEN_KEY, str(self.cache_len))] if self.cache_len is not None else []
+        return metadata + [(RETRYABLE_KEY, "1")] if self.retryable else metadata
 
 
 class InvalidRequest(EngineError):
@@ -52,6 +57,18 @@ class EngineOverloaded(EngineError):
 class EngineUnavailable(EngineError):
     code = grpc.StatusCode.UNAVAILABLE
     retryable = True
+
+
+# Callers name sessions with short ids (the orchestrator makes 32 hex digits); a longer one is a mistake,
+# refused before it is echoed into an error message or metadata.
+MAX_SESSION_ID_CHARS = 256
+
+
+def validate_session_id(session_id: str) -> None:
+    if not session_id:
+        raise InvalidRequest("session_id is empty")
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequest(f"session_id has {len(session_id)} characters; ids are at most {MAX_SESSION_ID_CHARS}")
 
 
 BY_CODE = {cls.code: cls for cls in (InvalidRequest, SessionNotFound, CacheMismatch, SessionBusy, KVExhausted,

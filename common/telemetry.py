@@ -77,10 +77,16 @@ def tracing_enabled() -> bool:
     return _enabled
 
 
-def record_span(name: str, start_ns: int, end_ns: int, **attributes) -> None:
-    """A span, under the current one, for an interval that has already passed (e.g. a wait)."""
+def record_span(name: str, start_ns: int, end_ns: int, parent=None, **attributes) -> None:
+    """A span for an interval that has already passed (e.g. a wait), under the current span or, from
+    another thread, under the context `parent` (context.get_current() where the work was asked for)."""
     if _enabled:
-        tracer.start_span(name, start_time=start_ns, attributes=attributes).end(end_time=end_ns)
+        tracer.start_span(name, context=parent, start_time=start_ns, attributes=attributes).end(end_time=end_ns)
+
+
+def current_context():
+    """The trace context of this thread, to record spans under from another one (record_span)."""
+    return context.get_current()
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -106,29 +112,6 @@ def serve_metrics(host: str, port: int, *collectors) -> int | None:
         REGISTRY.register(collector)
     log.info("metrics on http://%s:%d/metrics", host, port)
     return port
-
-
-class EngineCollector:
-    """An engine's KV cache and load, read at scrape time."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        sessions, admission = self.engine.sessions, self.engine.admission
-        for kind, name, doc, value in (
-            (GaugeMetricFamily, "rstitch_kv_used_tokens", "Tokens held in the KV caches", sessions.used),
-            (GaugeMetricFamily, "rstitch_kv_capacity_tokens", "Tokens the KV budget holds", sessions.capacity),
-            (CounterMetricFamily, "rstitch_kv_evictions", "Sessions evicted to make room", sessions.evictions),
-            (GaugeMetricFamily, "rstitch_sessions_active", "Sessions holding a KV cache", len(sessions)),
-            (GaugeMetricFamily, "rstitch_queue_depth", "Prefill/Decode calls in flight (running or waiting for "
-                                                       "the model)", admission.active + admission.waiting),
-        ):
-            family = kind(name, doc, labels=["model"])
-            family.add_metric([self.engine.role], value)
-            yield family
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
@@ -236,7 +219,7 @@ class _ClientTracing(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInt
 
     def intercept_unary_stream(self, continuation, details, request):
         span, traced = _client_span(details)
-        return _traced_events(span, continuation(traced, request))
+        return _TracedStream(span, continuation(traced, request))
 
 
 def _client_span(details):
@@ -248,15 +231,34 @@ def _client_span(details):
     return span, details._replace(metadata=list(details.metadata or ()) + list(carrier.items()))
 
 
-def _traced_events(span, events):
-    try:
-        yield from events
-        _record_code(span, grpc.StatusCode.OK, "")
-    except grpc.RpcError as e:
-        _record_code(span, e.code(), e.details())
-        raise
-    finally:
-        span.end()
+class _TracedStream:
+    """A stream's events, its client span ended with the last one (or the error); cancellable like the call."""
+
+    def __init__(self, span, call):
+        self.span, self.call, self.open = span, call, True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.call)
+        except StopIteration:
+            self._end(grpc.StatusCode.OK, "")
+            raise
+        except grpc.RpcError as e:
+            self._end(e.code(), e.details())
+            raise
+
+    def cancel(self) -> bool:
+        self._end(grpc.StatusCode.CANCELLED, "the reader stopped early")
+        return self.call.cancel()
+
+    def _end(self, code, details) -> None:
+        if self.open:
+            self.open = False
+            _record_code(self.span, code, details)
+            self.span.end()
 
 
 def _record_code(span, code: grpc.StatusCode, details: str | None) -> None:

@@ -1,5 +1,9 @@
-"""Starting a gRPC server with the standard health service and reflection (shared by all services)."""
+"""Starting a gRPC server with the standard health service and reflection, and the one wrapper that
+turns what a servicer method raises into a gRPC status (shared by all services)."""
 
+import functools
+import inspect
+import logging
 import signal
 import threading
 from concurrent import futures
@@ -9,6 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .telemetry import ServerTelemetry
+
+log = logging.getLogger(__name__)
 
 # Tokenizer files of real models are several MB; spans and prompts stay far below this.
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -78,3 +84,44 @@ def serve_until_signalled(server, grace_s: float = 5) -> None:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     server.stop(grace=grace_s).wait()
+
+
+def guarded(method):
+    """A servicer method (unary, or a generator for a server stream) whose errors become statuses: an
+    exception carrying a grpc.StatusCode in `code` (the engines' EngineError, the orchestrator's
+    RequestError) aborts with that code, its message and its `trailing_metadata()`; anything else is a
+    bug, logged with its traceback and answered INTERNAL, never taking the service down. A stream stops
+    at once when its caller has gone, and closes what it streams from so that its clean-up runs."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            events = method(self, request, context)
+            try:
+                for event in events:
+                    if not context.is_active():  # cancelled or disconnected
+                        return
+                    yield event
+            except Exception as e:
+                _abort(context, method.__name__, e)
+            finally:
+                events.close()
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            _abort(context, method.__name__, e)
+    return unary
+
+
+def _abort(context, method_name: str, error: Exception):
+    code = getattr(error, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        metadata = getattr(error, "trailing_metadata", None)
+        if metadata is not None:
+            context.set_trailing_metadata(metadata())
+        context.abort(code, str(error))
+    log.error("%s failed", method_name, exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, f"{method_name} failed: {error!r}")
