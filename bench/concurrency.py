@@ -8,8 +8,11 @@ private redis-server, as separate processes, the trained default pair), then run
 rounds: in each round every (backend, policy, concurrency) cell, in an order shuffled per round,
 opens `concurrency` client threads that each stream `requests` generations back to back on
 held-out problems. Per cell: tokens/s (answer tokens over the cell's wall time), time to first
-token and inter-token latency (client side, per Delta) p50/p99, accuracy. Reported: the median
-over rounds, with the min-max spread of tokens/s. Writes concurrency.md/.json/.png under --out.
+token and inter-token latency (client side, per Delta) p50/p99, accuracy; how busy each engine's
+step loop was (busy seconds over the cell's wall time, from Info) and its mean batch; and where a
+generation's time went (the sessions' Stats: forwards, engine queues, RPC, store, switches, the
+rest). Reported: the median over rounds, with the min-max spread of tokens/s. Writes
+concurrency.md/.json/.png under --out.
 """
 
 import argparse
@@ -28,16 +31,23 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from orchestrator.engine_client import GrpcEngineClient
 from rstitch import RStitchClient
 from rstitch.local import LocalDeployment
 from training.task import heldout, score
 
 TAU = 0.05  # the orchestrator's default (docs/tradeoff.md)
+ROLES = ("slm", "llm")
+STAT_FIELDS = [f for f in __import__("rstitch.v1.orchestrator_pb2", fromlist=["Stats"]).Stats.DESCRIPTOR.fields
+               if f.name.endswith("_ms")]
+# Where a generation's time goes, from its Stats: (label, fields summed); "rest" is the latency left over.
+TIME_PARTS = [("forward", ("slm_forward_ms", "llm_forward_ms")), ("queue", ("slm_queue_ms", "llm_queue_ms")),
+              ("rpc", ("rpc_ms",)), ("store", ("store_ms",))]
 
 
 def one_generation(client, problem, policy: str, max_new_tokens: int) -> dict:
     started = last = time.monotonic()
-    record = {"tokens": 0, "ttft_s": None, "gaps_s": [], "correct": False, "error": None}
+    record = {"tokens": 0, "ttft_s": None, "gaps_s": [], "correct": False, "error": None, "stats": None}
     try:
         for event in client.stream(problem.question, policy=policy, max_new_tokens=max_new_tokens,
                                    **({"tau": TAU} if policy == "entropy" else {})):
@@ -52,12 +62,18 @@ def one_generation(client, problem, policy: str, max_new_tokens: int) -> dict:
                 record["tokens"] += len(event.delta.span.token_ids)
             elif kind == "finished":
                 record["correct"] = score(event.finished.text, problem)
+                record["stats"] = {f.name: getattr(event.finished.stats, f.name) for f in STAT_FIELDS}
     except grpc.RpcError as e:
         record["error"] = f"{e.code().name}: {e.details()}"
     return record
 
 
-def run_cell(address: str, policy: str, concurrency: int, requests: int, problems, seed: int, max_new: int) -> dict:
+def engine_load(engines) -> dict:
+    return {role: client.info() for role, client in engines.items()}
+
+
+def run_cell(address: str, engines: dict, policy: str, concurrency: int, requests: int, problems, seed: int,
+             max_new: int) -> dict:
     rng = random.Random(seed)
     work = [[rng.choice(problems) for _ in range(requests)] for _ in range(concurrency)]
     records: list[dict] = []
@@ -68,16 +84,26 @@ def run_cell(address: str, policy: str, concurrency: int, requests: int, problem
                 records.append(one_generation(client, problem, policy, max_new))
 
     threads = [threading.Thread(target=session, args=(mine,)) for mine in work]
+    before = engine_load(engines)
     started = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.monotonic() - started
+    after = engine_load(engines)
     ok = [r for r in records if not r["error"]]
     ttft = [r["ttft_s"] * 1e3 for r in ok if r["ttft_s"] is not None]
     gaps = [g * 1e3 for r in ok for g in r["gaps_s"]]
+    engines_busy = {role: {"busy": (after[role].busy_seconds - before[role].busy_seconds) / wall,
+                           "batch": (after[role].step_tokens - before[role].step_tokens)
+                           / max(1, after[role].steps - before[role].steps)} for role in engines}
+    latency = statistics.fmean(r["stats"]["latency_ms"] for r in ok) if ok else math.nan
+    parts = {label: statistics.fmean(sum(r["stats"][f] for f in fields) for r in ok) if ok else math.nan
+             for label, fields in TIME_PARTS}
+    parts["rest"] = latency - sum(parts.values())
     return {"tokens_per_s": sum(r["tokens"] for r in ok) / wall, "wall_s": wall, "generations": len(records),
+            "engines": engines_busy, "latency_ms": latency, "time_ms": parts,
             "errors": sorted({r["error"] for r in records if r["error"]}),
             "accuracy": 100 * statistics.fmean(r["correct"] for r in ok) if ok else None,
             "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)}}
@@ -87,15 +113,19 @@ def pct(values, p):  # nearest rank
     return sorted(values)[max(0, math.ceil(p / 100 * len(values)) - 1)] if values else None
 
 
-def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, str]:
-    addresses = {}
+def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, tuple[str, dict]]:
+    """Per backend: the orchestrator's address, and clients of its two engines (for their load)."""
+    out = {}
     for backend in backends:
         engine = ["--backend", backend, "--kv-budget-mb", "256"]  # room for 64 sessions of a full context (hf: one slot each)
         (log_root / backend).mkdir()
         d = stack.enter_context(LocalDeployment(slm_args=engine, llm_args=engine, log_dir=log_root / backend,
                                                 orchestrator_args=["--max-sessions", "128", "--max-queue", "128"]))
-        addresses[backend] = d.address
-    return addresses
+        engines = {"slm": GrpcEngineClient(d.slm.address), "llm": GrpcEngineClient(d.llm.address)}
+        for client in engines.values():
+            stack.callback(client.close)
+        out[backend] = (d.address, engines)
+    return out
 
 
 def summarize(results: dict) -> dict:
@@ -106,6 +136,11 @@ def summarize(results: dict) -> dict:
             [r[key][sub] if sub else r[key] for r in rounds if (r[key][sub] if sub else r[key]) is not None] or [math.nan])
         speeds = [r["tokens_per_s"] for r in rounds]
         table[cell] = {"tokens_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
+                       "busy": {role: statistics.median(r["engines"][role]["busy"] for r in rounds) for role in ROLES},
+                       "batch": {role: statistics.median(r["engines"][role]["batch"] for r in rounds) for role in ROLES},
+                       "latency_ms": statistics.median(r["latency_ms"] for r in rounds),
+                       "time_ms": {part: statistics.median(r["time_ms"][part] for r in rounds)
+                                   for part in rounds[0]["time_ms"]},
                        "accuracy": median("accuracy"), "ttft_p50": median("ttft_ms", "p50"),
                        "ttft_p99": median("ttft_ms", "p99"), "itl_p50": median("itl_ms", "p50"),
                        "itl_p99": median("itl_ms", "p99"), "errors": sum(len(r["errors"]) for r in rounds)}
@@ -126,6 +161,18 @@ def write_markdown(table: dict, args, path: Path) -> None:
                      f"| {row['tokens_per_s'] / one:.2f} | {row['tokens_per_s'] / llm:.2f} | {row['ttft_p50']:.0f} / "
                      f"{row['ttft_p99']:.0f} | {row['itl_p50']:.1f} / {row['itl_p99']:.1f} | {row['accuracy']:.1f} "
                      f"| {row['errors']} |")
+    lines += ["", "Where the time goes: each engine's step loop busy (share of the cell's wall time) and its mean "
+              "batch (tokens per step); a generation's mean latency and its parts from the sessions' Stats "
+              "(forward: the engines' own time in forwards and token choice for it; queue: waiting for a step; "
+              "rpc: engine calls' time outside the engines; store: waiting for Redis; rest: the orchestrator's "
+              "own work, client-side streaming and switches' decisions).", "",
+              "| backend | policy | sessions | SLM busy / batch | LLM busy / batch | latency ms | forward | queue "
+              "| rpc | store | rest |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for (backend, policy, c), row in sorted(table.items()):
+        t = row["time_ms"]
+        lines.append(f"| {backend} | {policy} | {c} | {row['busy']['slm']:.0%} / {row['batch']['slm']:.1f} "
+                     f"| {row['busy']['llm']:.0%} / {row['batch']['llm']:.1f} | {row['latency_ms']:.0f} | "
+                     + " | ".join(f"{t[part]:.0f}" for part in ("forward", "queue", "rpc", "store", "rest")) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -164,13 +211,14 @@ def main(argv=None) -> None:
     cells = [(b, pol, c) for b in args.backends for pol in args.policies for c in args.concurrency]
     results: dict = {cell: [] for cell in cells}
     with ExitStack() as stack:
-        addresses = deployments(stack, args.backends, Path(stack.enter_context(_tmpdir())))
+        targets = deployments(stack, args.backends, Path(stack.enter_context(_tmpdir())))
         rng = random.Random(args.seed)
         with tqdm(total=len(cells) * args.rounds, desc="cells") as bar:
             for round_ in range(args.rounds):
                 for cell in rng.sample(cells, len(cells)):
                     backend, policy, c = cell
-                    results[cell].append(run_cell(addresses[backend], policy, c, args.requests, problems,
+                    address, engines = targets[backend]
+                    results[cell].append(run_cell(address, engines, policy, c, args.requests, problems,
                                                   args.seed + round_, args.max_new_tokens))
                     bar.update()
     table = summarize(results)

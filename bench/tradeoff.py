@@ -1,6 +1,11 @@
 """Accuracy against latency: every policy on held-out problems, through the real services.
 
     python bench/tradeoff.py [--problems N] [--out docs/tradeoff]
+    python bench/tradeoff.py --sampled [--seeds 3] [--out docs/tradeoff-sampled]
+
+--sampled decodes with temperature 0.6 and top-p 0.95 (what the DeepSeek-R1-Distill family
+recommends) for every method, each problem once per seed; the table gives the mean over seeds with
+its spread (min-max), the plot error bars. Without it, greedy, and also the entropy analysis.
 
 Starts the default deployment (both engine services, the orchestrator and a private redis-server
 as separate processes), runs each method on the same held-out problems one at a time (batch 1, as
@@ -31,6 +36,7 @@ TAUS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3]
 SLM_PROBABILITIES = [0.1, 0.3, 0.5, 0.7, 0.9]
 LOW_ENTROPY = 0.1
 WINDOW = 5  # tokens before (and including) the first harmful token, as in the paper's Figure 3c
+SAMPLING = {"temperature": 0.6, "top_p": 0.95}
 
 
 def routers():
@@ -53,22 +59,36 @@ def methods():
     yield "slm", {"policy": "slm"}
     yield "spec k=4", {"policy": "spec", "draft_tokens": 4}
     for p in SLM_PROBABILITIES:
-        yield f"random p={p}", {"policy": "random", "slm_probability": p, "seed": 0}
+        yield f"random p={p}", {"policy": "random", "slm_probability": p}
     for tau in TAUS:
         yield f"entropy tau={tau}", {"policy": "entropy", "tau": tau}
     yield from routers()
 
 
-def run_method(client, problems, options, max_new_tokens, progress):
+def run_method(client, problems, options, max_new_tokens, progress, seed=0, sampled=False):
+    """One generation per problem, the i-th with seed seed*100000+i (random routing's draws, and with
+    `sampled` the SAMPLING draws)."""
     runs = []
-    for problem in problems:
+    for i, problem in enumerate(problems):
+        sampled = {**(SAMPLING if sampled else {}), "seed": seed * 100_000 + i}
         started = time.perf_counter()
-        result = client.generate(problem.question, max_new_tokens=max_new_tokens, **options)
+        result = client.generate(problem.question, max_new_tokens=max_new_tokens, **options, **sampled)
         runs.append({"latency_ms": (time.perf_counter() - started) * 1e3, "correct": score(result.text, problem),
                      "token_ids": result.token_ids, "sources": result.sources, "entropies": result.entropies,
                      "prompt_token_ids": result.prompt_token_ids, "text": result.text, "stats": result.stats})
         progress.update()
     return runs
+
+
+def summarize_seeds(name, runs_by_seed, llm_by_seed):
+    """summarize() per seed, then the mean of each number with its min and max over the seeds."""
+    per_seed = [summarize(name, runs, llm) for runs, llm in zip(runs_by_seed, llm_by_seed)]
+    row = {"method": name, "seeds": len(per_seed)}
+    for key in per_seed[0]:
+        if key != "method":
+            values = [r[key] for r in per_seed]
+            row[key], row[key + "_min"], row[key + "_max"] = statistics.fmean(values), min(values), max(values)
+    return row
 
 
 def summarize(name, runs, llm):
@@ -183,24 +203,35 @@ def plot(rows, analysis, out):
     fig, ax = plt.subplots(figsize=(7, 5))
     labels = {"entropy": "R-Stitch (entropy, fixed tau)", "random": "random routing",
               "router": "R-Stitch+ (router, lambda sweep)"}
+    spread = lambda rs, key: [[r[key] - r[key + "_min"] for r in rs], [r[key + "_max"] - r[key] for r in rs]]  # noqa: E731
     for prefix, style in (("entropy", "o-"), ("random", "s--"), ("router", "^-")):
-        pts = sorted((r["latency_ms"], r["accuracy"], r["method"]) for r in rows if r["method"].startswith(prefix))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=labels[prefix])
-        for x, y, name in pts:
-            ax.annotate(name.split(" ")[1], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        pts = sorted((r for r in rows if r["method"].startswith(prefix)), key=lambda r: r["latency_ms"])
+        ax.errorbar([r["latency_ms"] for r in pts], [r["accuracy"] for r in pts], fmt=style, label=labels[prefix],
+                    xerr=spread(pts, "latency_ms"), yerr=spread(pts, "accuracy"), capsize=2)
+        for r in pts:
+            ax.annotate(r["method"].split(" ")[1], (r["latency_ms"], r["accuracy"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
     for r in rows:
         if r["method"] in ("llm", "slm", "spec k=4"):
-            ax.plot(r["latency_ms"], r["accuracy"], "*", markersize=12, label=f"{r['method']}-only"
-                    if r["method"] != "spec k=4" else "speculative (k=4)")
+            ax.errorbar(r["latency_ms"], r["accuracy"], xerr=spread([r], "latency_ms"), yerr=spread([r], "accuracy"),
+                        fmt="*", markersize=12, capsize=2,
+                        label=f"{r['method']}-only" if r["method"] != "spec k=4" else "speculative (k=4)")
     ax.set_xlabel("mean latency per problem (ms)")
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("Accuracy against latency (batch 1, split deployment)")
+    seeds = rows[0]["seeds"]
+    ax.set_title("Accuracy against latency (batch 1, split deployment" +
+                 (f"; sampled, {seeds} seeds, min-max)" if analysis is None else ")"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
+    if analysis is not None:
+        plot_entropy(analysis, out.parent / "entropy.png")
 
-    a = analysis
+
+def plot_entropy(a, path):
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     axes[0].boxplot([a["correct_means"] or [0], a["incorrect_means"] or [0]], tick_labels=["correct", "incorrect"])
     axes[0].set_title("(a) mean token entropy per SLM solution")
@@ -211,46 +242,83 @@ def plot(rows, analysis, out):
     axes[2].bar(["all tokens", f"{WINDOW} tokens ending\nat first harmful", "first harmful\ntoken"], bars)
     axes[2].set_title("(c) entropy around the first harmful token")
     fig.tight_layout()
-    fig.savefig(out.parent / "entropy.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=200, help="held-out problems per method")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--out", default="docs/tradeoff", help="path prefix of the outputs")
+    parser.add_argument("--sampled", action="store_true", help=f"decode with {SAMPLING}, --seeds times")
+    parser.add_argument("--seeds", type=int, default=3, help="with --sampled: runs of every method, seed 0..N-1")
+    parser.add_argument("--out", help="path prefix of the outputs (default docs/tradeoff, or docs/tradeoff-sampled)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out or ("docs/tradeoff-sampled" if args.sampled else "docs/tradeoff"))
     out.parent.mkdir(parents=True, exist_ok=True)
     problems = heldout(args.problems)
     all_methods = list(methods())
-    from engine.default_models import build_tokenizer
-
-    decode = lambda ids: build_tokenizer().decode(ids, skip_special_tokens=True)  # noqa: E731
+    seeds = list(range(args.seeds)) if args.sampled else [0]
     print("starting the deployment...", file=sys.stderr)
     with LocalDeployment() as deployment, RStitchClient(deployment.address) as client:
         client.generate(problems[0].question, policy="entropy")  # warm-up
-        runs = {}
-        with tqdm(total=len(all_methods) * len(problems), desc="generations", file=sys.stderr) as progress:
-            for name, options in all_methods:
-                progress.set_postfix_str(name)
-                runs[name] = run_method(client, problems, options, args.max_new_tokens, progress)
-        analysis = entropy_analysis(client, problems, runs["slm"], runs["llm"], args.max_new_tokens, decode)
-    llm = summarize("llm", runs["llm"], None)
-    rows = [summarize(name, runs[name], llm) for name, _ in all_methods]
+        runs = {name: [] for name, _ in all_methods}
+        with tqdm(total=len(all_methods) * len(problems) * len(seeds), desc="generations", file=sys.stderr) as bar:
+            for seed in seeds:  # a whole sweep per seed: machine drift hits every method alike
+                for name, options in all_methods:
+                    bar.set_postfix_str(f"{name} seed {seed}")
+                    runs[name].append(run_method(client, problems, options, args.max_new_tokens, bar, seed,
+                                                 args.sampled))
+        analysis = None if args.sampled else entropy_analysis(client, problems, runs["slm"][0], runs["llm"][0],
+                                                              args.max_new_tokens, _decode)
     info = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
                    f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
-        "spec_equal": sum(s["token_ids"] == l["token_ids"] for s, l in zip(runs["spec k=4"], runs["llm"])),
+        "spec_equal": sum(s["token_ids"] == l["token_ids"] for s, l in zip(runs["spec k=4"][0], runs["llm"][0])),
     }
-    write_table(rows, analysis, args, info, out.with_suffix(".md"))
+    llm = [summarize("llm", r, None) for r in runs["llm"]]
+    rows = [summarize_seeds(name, runs[name], llm) for name, _ in all_methods]
+    if args.sampled:
+        write_sampled_table(rows, args, info, out.with_suffix(".md"))
+    else:
+        write_table(rows, analysis, args, info, out.with_suffix(".md"))
     plot(rows, analysis, out)
-    out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows, "analysis": {
+    out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows, "analysis": analysis and {
         k: v for k, v in analysis.items() if k not in ("all_entropies",)}}, indent=1))
     print(out.with_suffix(".md").read_text())
-    if info["spec_equal"] != args.problems:
+    if not args.sampled and info["spec_equal"] != args.problems:
         sys.exit(f"spec differed from LLM-only on {args.problems - info['spec_equal']} problems")
+
+
+def _decode(ids):
+    from engine.default_models import build_tokenizer
+
+    return build_tokenizer().decode(ids, skip_special_tokens=True)
+
+
+def write_sampled_table(rows, args, info, path):
+    lines = [
+        "# Accuracy against latency on the trained pair, sampled",
+        "",
+        f"Made by `{' '.join(['python', 'bench/tradeoff.py', *sys.argv[1:]])}` on {info['date']} "
+        f"({info['machine']}). {args.problems} held-out problems, temperature {SAMPLING['temperature']}, top-p "
+        f"{SAMPLING['top_p']}, {args.seeds} seeds (each a whole sweep of every method, run one after the other), "
+        "batch 1, one generation at a time through the split deployment. Each number is the mean over the seeds, "
+        "with its spread (min-max) for accuracy and latency; speedup and token reduction are against LLM-only "
+        "of the same seed.",
+        "",
+        "| method | accuracy % (min-max) | latency ms (min-max) | speedup | LLM tokens | SLM tokens | total tokens "
+        "| token reduction % | switches | spec acceptance % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['accuracy']:.1f} ({r['accuracy_min']:.1f}-{r['accuracy_max']:.1f}) "
+                     f"| {r['latency_ms']:.1f} ({r['latency_ms_min']:.1f}-{r['latency_ms_max']:.1f}) "
+                     f"| {fmt(r.get('speedup'), 2)}x | {r['llm_tokens']:.1f} | {r['slm_tokens']:.1f} "
+                     f"| {r['total_tokens']:.1f} | {fmt(r.get('token_reduction'))} | {r['switches']:.1f} "
+                     f"| {fmt(r.get('acceptance'))} |")
+    lines += ["", f"![accuracy against latency, sampled]({path.with_suffix('.png').name})"]
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -134,75 +134,81 @@ class ServerTelemetry(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
-        method = details.method
-        traced = _enabled and not method.startswith(UNTRACED)
-        name = method.lstrip("/")
-
-        def begin(request):
-            start = time.perf_counter()
-            if not traced:
-                return start, None, None
-            parent = propagate.extract(dict(details.invocation_metadata or ()))
-            span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
-                                     attributes={"rpc.system": "grpc", "rpc.method": name})
-            if getattr(request, "session_id", ""):
-                span.set_attribute("rstitch.session_id", request.session_id)
-            return start, span, trace.set_span_in_context(span, parent)
-
-        def end(start, span, servicer_context, failed):
-            code = servicer_context.code() or (grpc.StatusCode.OK if not failed else grpc.StatusCode.UNKNOWN
-                                               if servicer_context.is_active() else grpc.StatusCode.CANCELLED)
-            RPC_SECONDS.labels(name, code.name).observe(time.perf_counter() - start)
-            if span is not None:
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                if code != grpc.StatusCode.OK:
-                    details = servicer_context.details() or code.name
-                    span.set_status(Status(StatusCode.ERROR, details.decode(errors="replace")
-                                           if isinstance(details, bytes) else details))
-                span.end()
-
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             def unary(request, servicer_context):
-                start, span, ctx = begin(request)
-                token, failed = _attach(ctx), True
+                call = _ObservedCall(details, request)
+                token, failed = _attach(call.context), True
                 try:
                     response = inner(request, servicer_context)
                     failed = False
                     return response
                 finally:
                     _detach(token)
-                    end(start, span, servicer_context, failed)
+                    call.end(servicer_context, failed)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
                                                        handler.response_serializer)
         inner_stream = handler.unary_stream
 
         def stream(request, servicer_context):
-            start, span, ctx = begin(request)
-            events, failed = inner_stream(request, servicer_context), True
-            try:
-                while True:  # the context is attached only while the handler runs, never across a yield
-                    token = _attach(ctx)
-                    try:
-                        event = next(events)
-                    except StopIteration:
-                        break
-                    finally:
-                        _detach(token)
-                    yield event
-                failed = False
-            finally:
-                token = _attach(ctx)
-                try:
-                    getattr(events, "close", lambda: None)()  # a caller that left: the handler's clean-up runs now
-                finally:
-                    _detach(token)
-                    end(start, span, servicer_context, failed)
+            call = _ObservedCall(details, request)
+            events = inner_stream(request, servicer_context)
+            yield from call.stream(events, servicer_context)
 
         return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
                                                     handler.response_serializer)
+
+
+class _ObservedCall:
+    """One server call: its timer, and with tracing on its server span and that span's context."""
+
+    def __init__(self, details, request):
+        self.name = details.method.lstrip("/")
+        self.start = time.perf_counter()
+        self.span = self.context = None
+        if _enabled and not details.method.startswith(UNTRACED):
+            parent = propagate.extract(dict(details.invocation_metadata or ()))
+            self.span = tracer.start_span(self.name, context=parent, kind=SpanKind.SERVER,
+                                          attributes={"rpc.system": "grpc", "rpc.method": self.name})
+            if getattr(request, "session_id", ""):
+                self.span.set_attribute("rstitch.session_id", request.session_id)
+            self.context = trace.set_span_in_context(self.span, parent)
+
+    def stream(self, events, servicer_context):
+        """The handler's events, its context attached only while it runs, never across a yield."""
+        failed = True
+        try:
+            while True:
+                token = _attach(self.context)
+                try:
+                    event = next(events)
+                except StopIteration:
+                    break
+                finally:
+                    _detach(token)
+                yield event
+            failed = False
+        finally:
+            token = _attach(self.context)
+            try:
+                getattr(events, "close", lambda: None)()  # a caller that left: the handler's clean-up runs now
+            finally:
+                _detach(token)
+                self.end(servicer_context, failed)
+
+    def end(self, servicer_context, failed: bool) -> None:
+        code = servicer_context.code() or (grpc.StatusCode.OK if not failed else grpc.StatusCode.UNKNOWN
+                                           if servicer_context.is_active() else grpc.StatusCode.CANCELLED)
+        RPC_SECONDS.labels(self.name, code.name).observe(time.perf_counter() - self.start)
+        if self.span is not None:
+            self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code != grpc.StatusCode.OK:
+                details = servicer_context.details() or code.name
+                self.span.set_status(Status(StatusCode.ERROR, details.decode(errors="replace")
+                                            if isinstance(details, bytes) else details))
+            self.span.end()
 
 
 class _ClientTracing(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):

@@ -145,7 +145,11 @@ class Engine(ABC):
             kv_capacity_tokens=self.sessions.capacity, kv_used_tokens=self.sessions.used,
             sessions=len(self.sessions), kv_evictions=self.sessions.evictions, eos_token_ids=self.eos_token_ids,
             backend=self.backend, device=self.device, dtype=self.dtype, hidden_size=self.hidden_size,
-            latency_model=self.latency_model)
+            latency_model=self.latency_model, **self.load())
+
+    def load(self) -> dict:
+        """The step loop's counters (InfoResponse steps, step_tokens, busy_seconds)."""
+        return {}
 
     def tokenizer_files(self) -> pb.GetTokenizerResponse:
         return pb.GetTokenizerResponse(files=self._tokenizer_files, fingerprint=self.fingerprint)

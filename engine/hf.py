@@ -126,6 +126,10 @@ class HFEngine(Engine):
             response.next_logprobs.CopyFrom(sampling.logprobs_of(rows[accepted:accepted + 1].float()[:, :self.vocab_size],
                                                                  [token], [request])[0])
 
+    def load(self) -> dict:
+        stats = self.runner.stats
+        return dict(steps=stats.steps, step_tokens=stats.tokens, busy_seconds=stats.busy_s)
+
     def _free_slot(self, session: Session) -> None:
         if session.state is not None:
             self.pool.free(session.state.slot)

@@ -10,8 +10,13 @@ class EngineCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        sessions, admission = self.engine.sessions, self.engine.admission
+        sessions, admission, load = self.engine.sessions, self.engine.admission, self.engine.load()
         for kind, name, doc, value in (
+            (CounterMetricFamily, "rstitch_engine_steps", "Steps (forwards) the engine's loop ran", load.get("steps", 0)),
+            (CounterMetricFamily, "rstitch_engine_step_tokens", "Tokens those steps fed (over steps: the mean batch)",
+             load.get("step_tokens", 0)),
+            (CounterMetricFamily, "rstitch_engine_busy_seconds", "Seconds the engine's loop spent in steps (over wall "
+                                                                  "time: how loaded it is)", load.get("busy_seconds", 0)),
             (GaugeMetricFamily, "rstitch_kv_used_tokens", "Tokens held in the KV caches", sessions.used),
             (GaugeMetricFamily, "rstitch_kv_capacity_tokens", "Tokens the KV budget holds", sessions.capacity),
             (CounterMetricFamily, "rstitch_kv_evictions", "Sessions evicted to make room", sessions.evictions),

@@ -124,6 +124,20 @@ class Progress:
         """Whether the answer ends at token `position` by a stop string (tokens arrive in order)."""
         return self.stops is not None and self.stops.push(position, token_id)
 
+    def called(self, role: int, unseen: int, timings: epb.Timings, wall_s: float) -> None:
+        """An engine call of `role` answered after wall_s, having been sent `unseen` tokens (the time a
+        caller spent reading a stream it stopped early counts as the engine's)."""
+        stats = self.stats
+        if role == SLM:
+            stats.slm_prefill_tokens += unseen
+            stats.slm_queue_ms += timings.queue_ms
+        else:
+            stats.llm_prefill_tokens += unseen
+            stats.llm_queue_ms += timings.queue_ms
+        if timings.forward_ms or timings.queue_ms:
+            stats.rpc_ms += max(0.0, wall_s * 1e3 - timings.queue_ms - timings.forward_ms)
+        self.observer.prefilled(role, unseen)
+
     def prefill_tokens(self, role: int) -> int:
         return self.stats.slm_prefill_tokens if role == SLM else self.stats.llm_prefill_tokens
 
@@ -166,6 +180,7 @@ def stitch(progress: Progress, policy: Policy, engines: dict, journal, budget: "
         answered = time.perf_counter()
         if switch is not None:
             progress.observer.switched(switch.landed(span, answered, progress.prefill_tokens(role) - prefilled))
+            progress.stats.switch_ms += switch.latency_s * 1e3
             switch = None
         record = progress.commit(role, span)
         progress.finish_reason = finish_reason(progress, span.stop_reason == epb.STOP_REASON_CONTEXT_FULL)
@@ -283,6 +298,7 @@ def advance_streaming(engine, progress: Progress, role: int, rule: epb.SpanRule,
         unseen = progress.sequence[base:] + list(draft)
         req = epb.PrefillRequest(session_id=progress.session_id, base_len=base, token_ids=unseen, rule=rule,
                                  verify=bool(draft), draft_distributions=draft_distributions)
+        called = time.perf_counter()
         try:
             out = yield from retrying(lambda timeout: _call(engine, progress, role, req, timeout, stream), budget)
         except SessionNotFound:
@@ -293,11 +309,7 @@ def advance_streaming(engine, progress: Progress, role: int, rule: epb.SpanRule,
             roll_back(engine, progress, role, min(e.cache_len, len(progress.sequence) - 1), budget,
                       engine_len=e.cache_len)
             continue
-        if role == SLM:
-            progress.stats.slm_prefill_tokens += len(unseen)
-        else:
-            progress.stats.llm_prefill_tokens += len(unseen)
-        progress.observer.prefilled(role, len(unseen))
+        progress.called(role, len(unseen), out.span.timings, time.perf_counter() - called)
         progress.synced[role] = out.span.cache_len
         return out
     raise CacheMismatch(f"{engine.address}: session {progress.session_id} could not be brought in sync "

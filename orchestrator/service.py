@@ -28,7 +28,7 @@ from .replicas import EnginePool, PinnedEngine
 from .router import Router
 from .speculative import speculate
 from .stops import StopStrings
-from .store import Fenced, Journal, Lease, LeaseHeld, NotResumable, SessionStore, StoreUnavailable
+from .store import Fenced, Journal, Lease, LeaseHeld, NotResumable, SessionExists, SessionStore, StoreUnavailable
 from .telemetry import GenerationTelemetry
 from .text import encode_prompt, load_tokenizer
 
@@ -97,15 +97,21 @@ class Orchestrator:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def generate(self, spec: opb.GenerationSpec, timeout_s: float | None = None, caller_alive=None):
+    def generate(self, spec: opb.GenerationSpec, timeout_s: float | None = None, caller_alive=None,
+                 session_id: str = ""):
         """Yields GenerateResponse events: Started, one Delta per answer token as the engines decode it, Finished.
-        caller_alive() turning False (a cancelled or disconnected caller) ends it within one span."""
+        caller_alive() turning False (a cancelled or disconnected caller) ends it within one span. session_id:
+        the client's choice (empty: a new one); a session that exists under it is not started again."""
         started = time.perf_counter()  # latency includes validation, tokenization and store writes
         budget = self._budget(timeout_s, caller_alive)
-        header = self._resolve(spec)
+        header = self._resolve(spec, session_id)
         with self._admitted(budget):
             first = SLM if header.spec.policy == opb.POLICY_SPEC else make_policy(header).first
-            lease = self._store(lambda: self.store.create(header, self.replica, first))
+            try:
+                lease = self._store(lambda: self.store.create(header, self.replica, first))
+            except SessionExists:
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {header.session_id} exists already "
+                                   "(a repeated Generate): attach to it with Resume") from None
             progress = self._new_progress(header, role=first)
             opening = [opb.GenerateResponse(started=opb.Started(session_id=header.session_id,
                                                                 prompt_token_ids=header.prompt_token_ids))]
@@ -177,44 +183,16 @@ class Orchestrator:
         status, error = opb.STATUS_FINISHED, ""
         try:
             yield from opening
-            progress.finish_reason = finish_reason(progress)
-            if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
-                records = ()  # the previous owner wrote the last token, not the end
-            elif header.spec.policy == opb.POLICY_SPEC:
-                records = speculate(progress, engines, journal, header.draft_tokens, budget)
-            else:
-                records = stitch(progress, make_policy(header), engines, journal, budget)
-            for item in records:
-                if isinstance(item, Streamed):
-                    yield from delivery.streamed(item)
-                else:  # a span, as logged: what of it was not streamed
-                    yield from delivery.logged(item, len(progress.tokens))
+            yield from _answer(header, progress, engines, journal, budget, delivery)
             if progress.finish_reason == opb.FINISH_REASON_CANCELLED:
                 status = opb.STATUS_CANCELLED
         except GeneratorExit:  # the caller went away: stop engine work at this span boundary
             status, progress.finish_reason = opb.STATUS_CANCELLED, opb.FINISH_REASON_CANCELLED
             raise
-        except CallerGone as e:
-            status, progress.finish_reason = opb.STATUS_CANCELLED, opb.FINISH_REASON_CANCELLED
-            raise RequestError(grpc.StatusCode.CANCELLED, str(e)) from None
-        except OutOfTime as e:  # failed, hence resumable later
-            status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"{e} (session {progress.session_id} can be resumed)") from None
-        except Fenced:
-            status = None  # the session is another replica's now: leave it and its engine caches alone
-            raise RequestError(grpc.StatusCode.ABORTED,
-                               f"session {progress.session_id} was taken over by another orchestrator replica; "
-                               "attach to it there with Resume") from None
-        except EngineError as e:
-            status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
-            # The engine protocol's own states (NOT_FOUND, FAILED_PRECONDITION...) mean nothing to the
-            # application: they surface as INTERNAL; transport and capacity troubles keep their code.
-            code = e.code if e.code in PASSED_THROUGH else grpc.StatusCode.INTERNAL
-            raise RequestError(code, f"engine failed: {e} (session {progress.session_id} can be resumed)") from None
-        except StoreUnavailable as e:
-            status, error, progress.finish_reason = opb.STATUS_FAILED, str(e), opb.FINISH_REASON_ERROR
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except (CallerGone, OutOfTime, Fenced, EngineError, StoreUnavailable) as e:
+            status, error, reason, raised = _outcome(e, progress.session_id)
+            progress.finish_reason = reason or progress.finish_reason
+            raise raised from None
         finally:
             self.leases.drop(lease)
             progress.stats.latency_ms = (time.perf_counter() - started) * 1e3
@@ -267,8 +245,10 @@ class Orchestrator:
         except QueueTimeout as e:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
 
-    def _resolve(self, spec: opb.GenerationSpec) -> opb.Session:
+    def _resolve(self, spec: opb.GenerationSpec, session_id: str = "") -> opb.Session:
         """Validate the request and apply defaults; the result is what the store keeps."""
+        if session_id:
+            validate_session_id(session_id)
         invalid = lambda msg: RequestError(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
         policy = spec.policy or opb.POLICY_ENTROPY
         if policy not in opb.Policy.values() or policy == opb.POLICY_UNSPECIFIED:
@@ -302,7 +282,7 @@ class Orchestrator:
             resolved.seed = secrets.randbits(63)
         if policy == opb.POLICY_ROUTER:  # kept with the session, so that any replica resumes it alike
             resolved.router = self._checked_router(spec.router or self.router)
-        return opb.Session(session_id=uuid.uuid4().hex, status=opb.STATUS_RUNNING, spec=resolved,
+        return opb.Session(session_id=session_id or uuid.uuid4().hex, status=opb.STATUS_RUNNING, spec=resolved,
                            prompt_token_ids=prompt, tau=tau, max_new_tokens=max_new, slm_probability=slm_probability,
                            draft_tokens=draft_tokens)
 
@@ -394,6 +374,43 @@ class Orchestrator:
             return op()
         except StoreUnavailable as e:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+
+
+def _answer(header: opb.Session, progress: Progress, engines: dict, journal: Journal, budget: Budget,
+            delivery: Delivery):
+    """The session's policy run from where `progress` stands to its end, as the client's events."""
+    progress.finish_reason = finish_reason(progress)
+    if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
+        return  # the previous owner wrote the last token, not the end
+    if header.spec.policy == opb.POLICY_SPEC:
+        records = speculate(progress, engines, journal, header.draft_tokens, budget)
+    else:
+        records = stitch(progress, make_policy(header), engines, journal, budget)
+    for item in records:
+        if isinstance(item, Streamed):
+            yield from delivery.streamed(item)
+        else:  # a span, as logged: what of it was not streamed
+            yield from delivery.logged(item, len(progress.tokens))
+
+
+def _outcome(e: Exception, session_id: str) -> tuple[int | None, str, int | None, RequestError]:
+    """How a generation that raised `e` ends: (status, None when the session is another replica's now;
+    error; finish reason, None to keep; what the caller gets)."""
+    failed, resumable = opb.STATUS_FAILED, f"(session {session_id} can be resumed)"
+    if isinstance(e, CallerGone):
+        return opb.STATUS_CANCELLED, "", opb.FINISH_REASON_CANCELLED, RequestError(grpc.StatusCode.CANCELLED, str(e))
+    if isinstance(e, OutOfTime):  # failed, hence resumable later
+        return failed, str(e), opb.FINISH_REASON_ERROR, RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                                     f"{e} {resumable}")
+    if isinstance(e, Fenced):  # leave the session and its engine caches to the replica that took it over
+        return None, "", None, RequestError(grpc.StatusCode.ABORTED, f"session {session_id} was taken over by "
+                                            "another orchestrator replica; attach to it there with Resume")
+    if isinstance(e, EngineError):
+        # The engine protocol's own states (NOT_FOUND, FAILED_PRECONDITION...) mean nothing to the
+        # application: they surface as INTERNAL; transport and capacity troubles keep their code.
+        code = e.code if e.code in PASSED_THROUGH else grpc.StatusCode.INTERNAL
+        return failed, str(e), opb.FINISH_REASON_ERROR, RequestError(code, f"engine failed: {e} {resumable}")
+    return failed, str(e), opb.FINISH_REASON_ERROR, RequestError(grpc.StatusCode.UNAVAILABLE, str(e))
 
 
 def _check_sampling(spec: opb.GenerationSpec) -> None:

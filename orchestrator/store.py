@@ -45,6 +45,10 @@ class NotResumable(Exception):
     pass
 
 
+class SessionExists(Exception):
+    """A new session was given the id of one the store holds (a client repeating a Generate)."""
+
+
 @dataclass
 class Lease:
     session_id: str
@@ -65,7 +69,7 @@ class SessionStore(ABC):
 
     @abstractmethod
     def _create(self, session_id: str, fields: dict) -> None:
-        """New session at epoch 1, lease held."""
+        """New session at epoch 1, lease held; raises SessionExists, changing nothing, if the id is taken."""
 
     @abstractmethod
     def _write(self, lease: Lease, index: int, record: bytes | None, fields: dict, hold: bool) -> bool:
@@ -166,6 +170,16 @@ def _keys(session_id):
     return [f"rstitch:{{{session_id}}}:{name}" for name in ("meta", "log", "lease")]
 
 
+# KEYS: meta, log, lease. ARGV: ttl s, lease ms, field/value... Returns 0, changing nothing, if the session exists.
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[3], 1, 'PX', ARGV[2])
+return 1
+"""
+
 # KEYS: meta, log, lease. ARGV: epoch, index (-1: no record), record, lease ms (0: drop), ttl s, field/value...
 WRITE = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -218,7 +232,8 @@ class RedisSessionStore(SessionStore):
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self._script_error = redis.ResponseError
         self._scripts = {name: self._redis.register_script(src)
-                         for name, src in (("write", WRITE), ("acquire", ACQUIRE), ("renew", RENEW))}
+                         for name, src in (("create", CREATE), ("write", WRITE), ("acquire", ACQUIRE),
+                                           ("renew", RENEW))}
 
     def _call(self, op, retry_s: float = 0.0):
         """Run op; on a lost connection, try again with backoff for up to retry_s (writes are idempotent)."""
@@ -236,11 +251,11 @@ class RedisSessionStore(SessionStore):
         self._call(self._redis.ping)
 
     def _create(self, session_id, fields):
-        meta, _, lease = _keys(session_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(meta, mapping=fields).expire(meta, self._ttl(running=True))
-        pipe.set(lease, 1, px=int(self.lease_s * 1e3))
-        self._call(pipe.execute)
+        args = [self._ttl(running=True), int(self.lease_s * 1e3)]
+        for name, value in fields.items():
+            args += [name, value]
+        if not self._call(lambda: self._scripts["create"](keys=_keys(session_id), args=args)):
+            raise SessionExists(session_id)
 
     def _write(self, lease, index, record, fields, hold):
         args = [lease.epoch, index, record or b"", int(self.lease_s * 1e3) if hold else 0, self._ttl(running=hold)]
@@ -306,6 +321,9 @@ class MemorySessionStore(SessionStore):
 
     def _create(self, session_id, fields):
         with self._lock:
+            self._expire()
+            if session_id in self._meta:
+                raise SessionExists(session_id)
             self._meta[session_id], self._logs[session_id] = {}, []
             self._set(session_id, fields, hold=True)
 
@@ -391,8 +409,10 @@ class Journal:
         """Append a span of `progress` (a loop.Progress) with where the loop stands; returns the cancel
         flag as the last finished append saw it."""
         index = progress.logged if record.token_ids else -1  # empty spans change the cursor only
-        fields = cursor_fields(progress.synced, progress.stats, progress.role, progress.replicas)
+        waited = time.perf_counter()
         self.close()
+        progress.stats.store_ms += (time.perf_counter() - waited) * 1e3
+        fields = cursor_fields(progress.synced, progress.stats, progress.role, progress.replicas)
         self._in_flight = _WRITERS.submit(self.store._write, self.lease, index, record.SerializeToString(), fields,
                                           True)
         progress.logged += index >= 0

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from rstitch.v1 import engine_pb2 as rstitch_dot_v1_dot_engine__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drstitch/v1/orchestrator.proto\x12\nrstitch.v1\x1a\x17rstitch/v1/engine.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\x08Messages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.rstitch.v1.ChatMessage\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x99\x04\n\x0eGenerationSpec\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x08messages\x18\x02 \x01(\x0b\x32\x14.rstitch.v1.MessagesH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.rstitch.v1.TokenIdsH\x00\x12\x0b\n\x03raw\x18\x04 \x01(\x08\x12\"\n\x06policy\x18\x05 \x01(\x0e\x32\x12.rstitch.v1.Policy\x12\x10\n\x03tau\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x1c\n\x0fslm_probability\x18\t \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x03\x88\x01\x01\x12\x14\n\x0c\x64raft_tokens\x18\x0b \x01(\r\x12\x0e\n\x06router\x18\x0c \x01(\x0c\x12\x18\n\x0btemperature\x18\r \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x0e \x01(\x02H\x05\x88\x01\x01\x12\r\n\x05top_k\x18\x0f \x01(\r\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x11 \x03(\t\x12\x10\n\x08logprobs\x18\x12 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x13 \x01(\rB\x08\n\x06promptB\x06\n\x04_tauB\x12\n\x10_slm_probabilityB\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_min_p\";\n\x0fGenerateRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.rstitch.v1.GenerationSpec\"\x83\x01\n\nSpanRecord\x12\"\n\x06source\x18\x01 \x01(\x0e\x32\x12.rstitch.v1.Source\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x11\n\tentropies\x18\x03 \x03(\x02\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.rstitch.v1.TokenLogprobs\"\xaf\x02\n\x05Stats\x12\x12\n\nslm_tokens\x18\x01 \x01(\r\x12\x12\n\nllm_tokens\x18\x02 \x01(\r\x12\x10\n\x08switches\x18\x03 \x01(\r\x12\r\n\x05spans\x18\x04 \x01(\r\x12\x1a\n\x12slm_prefill_tokens\x18\x05 \x01(\r\x12\x1a\n\x12llm_prefill_tokens\x18\x06 \x01(\r\x12\x14\n\x0cgated_tokens\x18\x07 \x01(\r\x12\x12\n\nlatency_ms\x18\x08 \x01(\x01\x12\x16\n\x0eslm_forward_ms\x18\t \x01(\x01\x12\x16\n\x0ellm_forward_ms\x18\n \x01(\x01\x12\x16\n\x0e\x64rafted_tokens\x18\x0b \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x0c \x01(\r\x12\x1a\n\x12router_kept_tokens\x18\r \x01(\r\"7\n\x07Started\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\";\n\x05\x44\x65lta\x12$\n\x04span\x18\x01 \x01(\x0b\x32\x16.rstitch.v1.SpanRecord\x12\x0c\n\x04text\x18\x02 \x01(\t\"k\n\x08\x46inished\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.rstitch.v1.FinishReason\x12 \n\x05stats\x18\x02 \x01(\x0b\x32\x11.rstitch.v1.Stats\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x91\x01\n\x10GenerateResponse\x12&\n\x07started\x18\x01 \x01(\x0b\x32\x13.rstitch.v1.StartedH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.rstitch.v1.DeltaH\x00\x12(\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x14.rstitch.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x9a\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.rstitch.v1.Status\x12(\n\x04spec\x18\x03 \x01(\x0b\x32\x1a.rstitch.v1.GenerationSpec\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12%\n\x05spans\x18\x05 \x03(\x0b\x32\x16.rstitch.v1.SpanRecord\x12 \n\x05stats\x18\x06 \x01(\x0b\x32\x11.rstitch.v1.Stats\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.rstitch.v1.FinishReason\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0c\n\x04text\x18\t \x01(\t\x12\x0b\n\x03tau\x18\n \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x0b \x01(\r\x12\x17\n\x0fslm_probability\x18\x0c \x01(\x02\x12\x14\n\x0c\x64raft_tokens\x18\r \x01(\r\x12\x13\n\x0bslm_replica\x18\x0e \x01(\t\x12\x13\n\x0bllm_replica\x18\x0f \x01(\t\";\n\x0f\x43ompleteRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.rstitch.v1.GenerationSpec\"8\n\x10\x43ompleteResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.rstitch.v1.Session\"<\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0freceived_tokens\x18\x02 \x01(\r\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\":\n\x12GetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.rstitch.v1.Session\"#\n\rCancelRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"4\n\x0e\x43\x61ncelResponse\x12\"\n\x06status\x18\x01 \x01(\x0e\x32\x12.rstitch.v1.Status*\x8b\x01\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n\x0ePOLICY_ENTROPY\x10\x01\x12\x0e\n\nPOLICY_LLM\x10\x02\x12\x0e\n\nPOLICY_SLM\x10\x03\x12\x11\n\rPOLICY_RANDOM\x10\x04\x12\x0f\n\x0bPOLICY_SPEC\x10\x05\x12\x11\n\rPOLICY_ROUTER\x10\x06*@\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0e\n\nSOURCE_SLM\x10\x01\x12\x0e\n\nSOURCE_LLM\x10\x02*r\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_RUNNING\x10\x01\x12\x13\n\x0fSTATUS_FINISHED\x10\x02\x12\x14\n\x10STATUS_CANCELLED\x10\x03\x12\x11\n\rSTATUS_FAILED\x10\x04*\xd4\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12 \n\x1c\x46INISH_REASON_MAX_NEW_TOKENS\x10\x02\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x06\x32\xf1\x02\n\x0cOrchestrator\x12G\n\x08Generate\x12\x1b.rstitch.v1.GenerateRequest\x1a\x1c.rstitch.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.rstitch.v1.CompleteRequest\x1a\x1c.rstitch.v1.CompleteResponse\x12\x43\n\x06Resume\x12\x19.rstitch.v1.ResumeRequest\x1a\x1c.rstitch.v1.GenerateResponse0\x01\x12K\n\nGetSession\x12\x1d.rstitch.v1.GetSessionRequest\x1a\x1e.rstitch.v1.GetSessionResponse\x12?\n\x06\x43\x61ncel\x12\x19.rstitch.v1.CancelRequest\x1a\x1a.rstitch.v1.CancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drstitch/v1/orchestrator.proto\x12\nrstitch.v1\x1a\x17rstitch/v1/engine.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\x08Messages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.rstitch.v1.ChatMessage\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x99\x04\n\x0eGenerationSpec\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x08messages\x18\x02 \x01(\x0b\x32\x14.rstitch.v1.MessagesH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.rstitch.v1.TokenIdsH\x00\x12\x0b\n\x03raw\x18\x04 \x01(\x08\x12\"\n\x06policy\x18\x05 \x01(\x0e\x32\x12.rstitch.v1.Policy\x12\x10\n\x03tau\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x1c\n\x0fslm_probability\x18\t \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x03\x88\x01\x01\x12\x14\n\x0c\x64raft_tokens\x18\x0b \x01(\r\x12\x0e\n\x06router\x18\x0c \x01(\x0c\x12\x18\n\x0btemperature\x18\r \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x0e \x01(\x02H\x05\x88\x01\x01\x12\r\n\x05top_k\x18\x0f \x01(\r\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x11 \x03(\t\x12\x10\n\x08logprobs\x18\x12 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x13 \x01(\rB\x08\n\x06promptB\x06\n\x04_tauB\x12\n\x10_slm_probabilityB\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_min_p\"O\n\x0fGenerateRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.rstitch.v1.GenerationSpec\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x83\x01\n\nSpanRecord\x12\"\n\x06source\x18\x01 \x01(\x0e\x32\x12.rstitch.v1.Source\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x11\n\tentropies\x18\x03 \x03(\x02\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.rstitch.v1.TokenLogprobs\"\x90\x03\n\x05Stats\x12\x12\n\nslm_tokens\x18\x01 \x01(\r\x12\x12\n\nllm_tokens\x18\x02 \x01(\r\x12\x10\n\x08switches\x18\x03 \x01(\r\x12\r\n\x05spans\x18\x04 \x01(\r\x12\x1a\n\x12slm_prefill_tokens\x18\x05 \x01(\r\x12\x1a\n\x12llm_prefill_tokens\x18\x06 \x01(\r\x12\x14\n\x0cgated_tokens\x18\x07 \x01(\r\x12\x12\n\nlatency_ms\x18\x08 \x01(\x01\x12\x16\n\x0eslm_forward_ms\x18\t \x01(\x01\x12\x16\n\x0ellm_forward_ms\x18\n \x01(\x01\x12\x16\n\x0e\x64rafted_tokens\x18\x0b \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x0c \x01(\r\x12\x1a\n\x12router_kept_tokens\x18\r \x01(\r\x12\x14\n\x0cslm_queue_ms\x18\x0e \x01(\x01\x12\x14\n\x0cllm_queue_ms\x18\x0f \x01(\x01\x12\x0e\n\x06rpc_ms\x18\x10 \x01(\x01\x12\x10\n\x08store_ms\x18\x11 \x01(\x01\x12\x11\n\tswitch_ms\x18\x12 \x01(\x01\"7\n\x07Started\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\";\n\x05\x44\x65lta\x12$\n\x04span\x18\x01 \x01(\x0b\x32\x16.rstitch.v1.SpanRecord\x12\x0c\n\x04text\x18\x02 \x01(\t\"k\n\x08\x46inished\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.rstitch.v1.FinishReason\x12 \n\x05stats\x18\x02 \x01(\x0b\x32\x11.rstitch.v1.Stats\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x91\x01\n\x10GenerateResponse\x12&\n\x07started\x18\x01 \x01(\x0b\x32\x13.rstitch.v1.StartedH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.rstitch.v1.DeltaH\x00\x12(\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x14.rstitch.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x9a\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.rstitch.v1.Status\x12(\n\x04spec\x18\x03 \x01(\x0b\x32\x1a.rstitch.v1.GenerationSpec\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12%\n\x05spans\x18\x05 \x03(\x0b\x32\x16.rstitch.v1.SpanRecord\x12 \n\x05stats\x18\x06 \x01(\x0b\x32\x11.rstitch.v1.Stats\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.rstitch.v1.FinishReason\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0c\n\x04text\x18\t \x01(\t\x12\x0b\n\x03tau\x18\n \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x0b \x01(\r\x12\x17\n\x0fslm_probability\x18\x0c \x01(\x02\x12\x14\n\x0c\x64raft_tokens\x18\r \x01(\r\x12\x13\n\x0bslm_replica\x18\x0e \x01(\t\x12\x13\n\x0bllm_replica\x18\x0f \x01(\t\";\n\x0f\x43ompleteRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.rstitch.v1.GenerationSpec\"8\n\x10\x43ompleteResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.rstitch.v1.Session\"<\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0freceived_tokens\x18\x02 \x01(\r\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\":\n\x12GetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.rstitch.v1.Session\"#\n\rCancelRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"4\n\x0e\x43\x61ncelResponse\x12\"\n\x06status\x18\x01 \x01(\x0e\x32\x12.rstitch.v1.Status*\x8b\x01\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n\x0ePOLICY_ENTROPY\x10\x01\x12\x0e\n\nPOLICY_LLM\x10\x02\x12\x0e\n\nPOLICY_SLM\x10\x03\x12\x11\n\rPOLICY_RANDOM\x10\x04\x12\x0f\n\x0bPOLICY_SPEC\x10\x05\x12\x11\n\rPOLICY_ROUTER\x10\x06*@\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0e\n\nSOURCE_SLM\x10\x01\x12\x0e\n\nSOURCE_LLM\x10\x02*r\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_RUNNING\x10\x01\x12\x13\n\x0fSTATUS_FINISHED\x10\x02\x12\x14\n\x10STATUS_CANCELLED\x10\x03\x12\x11\n\rSTATUS_FAILED\x10\x04*\xd4\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12 \n\x1c\x46INISH_REASON_MAX_NEW_TOKENS\x10\x02\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x06\x32\xf1\x02\n\x0cOrchestrator\x12G\n\x08Generate\x12\x1b.rstitch.v1.GenerateRequest\x1a\x1c.rstitch.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.rstitch.v1.CompleteRequest\x1a\x1c.rstitch.v1.CompleteResponse\x12\x43\n\x06Resume\x12\x19.rstitch.v1.ResumeRequest\x1a\x1c.rstitch.v1.GenerateResponse0\x01\x12K\n\nGetSession\x12\x1d.rstitch.v1.GetSessionRequest\x1a\x1e.rstitch.v1.GetSessionResponse\x12?\n\x06\x43\x61ncel\x12\x19.rstitch.v1.CancelRequest\x1a\x1a.rstitch.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rstitch.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICY']._serialized_start=2405
-  _globals['_POLICY']._serialized_end=2544
-  _globals['_SOURCE']._serialized_start=2546
-  _globals['_SOURCE']._serialized_end=2610
-  _globals['_STATUS']._serialized_start=2612
-  _globals['_STATUS']._serialized_end=2726
-  _globals['_FINISHREASON']._serialized_start=2729
-  _globals['_FINISHREASON']._serialized_end=2941
+  _globals['_POLICY']._serialized_start=2522
+  _globals['_POLICY']._serialized_end=2661
+  _globals['_SOURCE']._serialized_start=2663
+  _globals['_SOURCE']._serialized_end=2727
+  _globals['_STATUS']._serialized_start=2729
+  _globals['_STATUS']._serialized_end=2843
+  _globals['_FINISHREASON']._serialized_start=2846
+  _globals['_FINISHREASON']._serialized_end=3058
   _globals['_CHATMESSAGE']._serialized_start=70
   _globals['_CHATMESSAGE']._serialized_end=114
   _globals['_MESSAGES']._serialized_start=116
@@ -49,35 +49,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONSPEC']._serialized_start=203
   _globals['_GENERATIONSPEC']._serialized_end=740
   _globals['_GENERATEREQUEST']._serialized_start=742
-  _globals['_GENERATEREQUEST']._serialized_end=801
-  _globals['_SPANRECORD']._serialized_start=804
-  _globals['_SPANRECORD']._serialized_end=935
-  _globals['_STATS']._serialized_start=938
-  _globals['_STATS']._serialized_end=1241
-  _globals['_STARTED']._serialized_start=1243
-  _globals['_STARTED']._serialized_end=1298
-  _globals['_DELTA']._serialized_start=1300
-  _globals['_DELTA']._serialized_end=1359
-  _globals['_FINISHED']._serialized_start=1361
-  _globals['_FINISHED']._serialized_end=1468
-  _globals['_GENERATERESPONSE']._serialized_start=1471
-  _globals['_GENERATERESPONSE']._serialized_end=1616
-  _globals['_SESSION']._serialized_start=1619
-  _globals['_SESSION']._serialized_end=2029
-  _globals['_COMPLETEREQUEST']._serialized_start=2031
-  _globals['_COMPLETEREQUEST']._serialized_end=2090
-  _globals['_COMPLETERESPONSE']._serialized_start=2092
-  _globals['_COMPLETERESPONSE']._serialized_end=2148
-  _globals['_RESUMEREQUEST']._serialized_start=2150
-  _globals['_RESUMEREQUEST']._serialized_end=2210
-  _globals['_GETSESSIONREQUEST']._serialized_start=2212
-  _globals['_GETSESSIONREQUEST']._serialized_end=2251
-  _globals['_GETSESSIONRESPONSE']._serialized_start=2253
-  _globals['_GETSESSIONRESPONSE']._serialized_end=2311
-  _globals['_CANCELREQUEST']._serialized_start=2313
-  _globals['_CANCELREQUEST']._serialized_end=2348
-  _globals['_CANCELRESPONSE']._serialized_start=2350
-  _globals['_CANCELRESPONSE']._serialized_end=2402
-  _globals['_ORCHESTRATOR']._serialized_start=2944
-  _globals['_ORCHESTRATOR']._serialized_end=3313
+  _globals['_GENERATEREQUEST']._serialized_end=821
+  _globals['_SPANRECORD']._serialized_start=824
+  _globals['_SPANRECORD']._serialized_end=955
+  _globals['_STATS']._serialized_start=958
+  _globals['_STATS']._serialized_end=1358
+  _globals['_STARTED']._serialized_start=1360
+  _globals['_STARTED']._serialized_end=1415
+  _globals['_DELTA']._serialized_start=1417
+  _globals['_DELTA']._serialized_end=1476
+  _globals['_FINISHED']._serialized_start=1478
+  _globals['_FINISHED']._serialized_end=1585
+  _globals['_GENERATERESPONSE']._serialized_start=1588
+  _globals['_GENERATERESPONSE']._serialized_end=1733
+  _globals['_SESSION']._serialized_start=1736
+  _globals['_SESSION']._serialized_end=2146
+  _globals['_COMPLETEREQUEST']._serialized_start=2148
+  _globals['_COMPLETEREQUEST']._serialized_end=2207
+  _globals['_COMPLETERESPONSE']._serialized_start=2209
+  _globals['_COMPLETERESPONSE']._serialized_end=2265
+  _globals['_RESUMEREQUEST']._serialized_start=2267
+  _globals['_RESUMEREQUEST']._serialized_end=2327
+  _globals['_GETSESSIONREQUEST']._serialized_start=2329
+  _globals['_GETSESSIONREQUEST']._serialized_end=2368
+  _globals['_GETSESSIONRESPONSE']._serialized_start=2370
+  _globals['_GETSESSIONRESPONSE']._serialized_end=2428
+  _globals['_CANCELREQUEST']._serialized_start=2430
+  _globals['_CANCELREQUEST']._serialized_end=2465
+  _globals['_CANCELRESPONSE']._serialized_start=2467
+  _globals['_CANCELRESPONSE']._serialized_end=2519
+  _globals['_ORCHESTRATOR']._serialized_start=3061
+  _globals['_ORCHESTRATOR']._serialized_end=3430
 # @@protoc_insertion_point(module_scope)

@@ -127,10 +127,12 @@ class GenerationSpec(_message.Message):
     def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., raw: _Optional[bool] = ..., policy: _Optional[_Union[Policy, str]] = ..., tau: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., slm_probability: _Optional[float] = ..., seed: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., router: _Optional[bytes] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "session_id")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     spec: GenerationSpec
-    def __init__(self, spec: _Optional[_Union[GenerationSpec, _Mapping]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class SpanRecord(_message.Message):
     __slots__ = ("source", "token_ids", "entropies", "logprobs")
@@ -145,7 +147,7 @@ class SpanRecord(_message.Message):
     def __init__(self, source: _Optional[_Union[Source, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., entropies: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[_Union[_engine_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("slm_tokens", "llm_tokens", "switches", "spans", "slm_prefill_tokens", "llm_prefill_tokens", "gated_tokens", "latency_ms", "slm_forward_ms", "llm_forward_ms", "drafted_tokens", "accepted_tokens", "router_kept_tokens")
+    __slots__ = ("slm_tokens", "llm_tokens", "switches", "spans", "slm_prefill_tokens", "llm_prefill_tokens", "gated_tokens", "latency_ms", "slm_forward_ms", "llm_forward_ms", "drafted_tokens", "accepted_tokens", "router_kept_tokens", "slm_queue_ms", "llm_queue_ms", "rpc_ms", "store_ms", "switch_ms")
     SLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SWITCHES_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +161,11 @@ class Stats(_message.Message):
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUTER_KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SLM_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    LLM_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    RPC_MS_FIELD_NUMBER: _ClassVar[int]
+    STORE_MS_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_MS_FIELD_NUMBER: _ClassVar[int]
     slm_tokens: int
     llm_tokens: int
     switches: int
@@ -172,7 +179,12 @@ class Stats(_message.Message):
     drafted_tokens: int
     accepted_tokens: int
     router_kept_tokens: int
-    def __init__(self, slm_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., switches: _Optional[int] = ..., spans: _Optional[int] = ..., slm_prefill_tokens: _Optional[int] = ..., llm_prefill_tokens: _Optional[int] = ..., gated_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., slm_forward_ms: _Optional[float] = ..., llm_forward_ms: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., router_kept_tokens: _Optional[int] = ...) -> None: ...
+    slm_queue_ms: float
+    llm_queue_ms: float
+    rpc_ms: float
+    store_ms: float
+    switch_ms: float
+    def __init__(self, slm_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., switches: _Optional[int] = ..., spans: _Optional[int] = ..., slm_prefill_tokens: _Optional[int] = ..., llm_prefill_tokens: _Optional[int] = ..., gated_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., slm_forward_ms: _Optional[float] = ..., llm_forward_ms: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., router_kept_tokens: _Optional[int] = ..., slm_queue_ms: _Optional[float] = ..., llm_queue_ms: _Optional[float] = ..., rpc_ms: _Optional[float] = ..., store_ms: _Optional[float] = ..., switch_ms: _Optional[float] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("session_id", "prompt_token_ids")
