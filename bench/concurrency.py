@@ -96,6 +96,7 @@ def run_cell(address: str, engines: dict, policy: str, concurrency: int, request
     ttft = [r["ttft_s"] * 1e3 for r in ok if r["ttft_s"] is not None]
     gaps = [g * 1e3 for r in ok for g in r["gaps_s"]]
     engines_busy = {role: {"busy": (after[role].busy_seconds - before[role].busy_seconds) / wall,
+                           "forward": (after[role].forward_seconds - before[role].forward_seconds) / wall,
                            "batch": (after[role].step_tokens - before[role].step_tokens)
                            / max(1, after[role].steps - before[role].steps)} for role in engines}
     latency = statistics.fmean(r["stats"]["latency_ms"] for r in ok) if ok else math.nan
@@ -137,6 +138,8 @@ def summarize(results: dict) -> dict:
         speeds = [r["tokens_per_s"] for r in rounds]
         table[cell] = {"tokens_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
                        "busy": {role: statistics.median(r["engines"][role]["busy"] for r in rounds) for role in ROLES},
+                       "forward": {role: statistics.median(r["engines"][role]["forward"] for r in rounds)
+                                   for role in ROLES},
                        "batch": {role: statistics.median(r["engines"][role]["batch"] for r in rounds) for role in ROLES},
                        "latency_ms": statistics.median(r["latency_ms"] for r in rounds),
                        "time_ms": {part: statistics.median(r["time_ms"][part] for r in rounds)
@@ -161,8 +164,8 @@ def write_markdown(table: dict, args, path: Path) -> None:
                      f"| {row['tokens_per_s'] / one:.2f} | {row['tokens_per_s'] / llm:.2f} | {row['ttft_p50']:.0f} / "
                      f"{row['ttft_p99']:.0f} | {row['itl_p50']:.1f} / {row['itl_p99']:.1f} | {row['accuracy']:.1f} "
                      f"| {row['errors']} |")
-    lines += ["", "Where the time goes: each engine's step loop busy (share of the cell's wall time) and its mean "
-              "batch (tokens per step); a generation's mean latency and its parts from the sessions' Stats "
+    lines += ["", "Where the time goes: each engine's step loop busy (share of the cell's wall time; in brackets "
+              "the share in forwards, the rest being token choice and bookkeeping) and its mean batch (tokens per step); a generation's mean latency and its parts from the sessions' Stats "
               "(forward: the engines' own time in forwards and token choice for it; queue: waiting for a step; "
               "rpc: engine calls' time outside the engines; store: waiting for Redis; rest: the orchestrator's "
               "own work, client-side streaming and switches' decisions).", "",
@@ -170,8 +173,9 @@ def write_markdown(table: dict, args, path: Path) -> None:
               "| rpc | store | rest |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for (backend, policy, c), row in sorted(table.items()):
         t = row["time_ms"]
-        lines.append(f"| {backend} | {policy} | {c} | {row['busy']['slm']:.0%} / {row['batch']['slm']:.1f} "
-                     f"| {row['busy']['llm']:.0%} / {row['batch']['llm']:.1f} | {row['latency_ms']:.0f} | "
+        lines.append(f"| {backend} | {policy} | {c} | {row['busy']['slm']:.0%} ({row['forward']['slm']:.0%}) / "
+                     f"{row['batch']['slm']:.1f} | {row['busy']['llm']:.0%} ({row['forward']['llm']:.0%}) / "
+                     f"{row['batch']['llm']:.1f} | {row['latency_ms']:.0f} | "
                      + " | ".join(f"{t[part]:.0f}" for part in ("forward", "queue", "rpc", "store", "rest")) + " |")
     path.write_text("\n".join(lines) + "\n")
 

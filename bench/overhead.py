@@ -99,7 +99,7 @@ def rtt_ms(op, n=300) -> float:
 
 def bench_pair(name, paths, args, rows, costs):
     print(f"[{name}] loading in-process engines, starting the split deployment ...", flush=True)
-    local_engines = [LocalEngineClient(HFEngine(paths[r], role=r)) for r in ("slm", "llm")]
+    local_engines = [LocalEngineClient(HFEngine(paths[r], role=r, threads=1)) for r in ("slm", "llm")]
     threads = ["--threads", "1"]
     with LocalDeployment(slm_args=[*threads, "--model", str(paths["slm"])],
                          llm_args=[*threads, "--model", str(paths["llm"])]) as dep, RStitchClient(dep.address) as client:

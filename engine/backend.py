@@ -148,7 +148,7 @@ class Engine(ABC):
             latency_model=self.latency_model, **self.load())
 
     def load(self) -> dict:
-        """The step loop's counters (InfoResponse steps, step_tokens, busy_seconds)."""
+        """The step loop's counters (InfoResponse steps, step_tokens, busy_seconds, forward_seconds)."""
         return {}
 
     def tokenizer_files(self) -> pb.GetTokenizerResponse:

@@ -15,12 +15,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from common import telemetry
-from common.errors import InvalidRequest
 from rstitch.v1 import engine_pb2 as pb
 
 from . import checkpoints, sampling
 from .backend import Engine, ModelFacts, SpanCall, row_request
-from .entropy import greedy_with_entropy
 from .kv_pool import KVPool, cache_kwarg
 from .scheduler import BatchedRunner, SpanRun
 from .sessions import Session
@@ -85,8 +83,6 @@ class HFEngine(Engine):
         """On the runner's thread, when the span has ended: the call's response (or error)."""
         try:
             call.future.set_result(self._response(call, done.result()))
-        except ValueError as e:  # what the request's drafts made impossible
-            call.future.set_exception(InvalidRequest(str(e)))
         except BaseException as e:  # noqa: BLE001 - the caller raises it; nothing may leave it waiting
             call.future.set_exception(e)
 
@@ -99,36 +95,15 @@ class HFEngine(Engine):
         span.timings.CopyFrom(_timings(run))
         response = pb.PrefillResponse(span=span)
         if call.verify:
-            self._verified(call, run.prefill_logits, response)
+            sampling.fill_verification(response, run.prefill_logits, call.tokens, call.drafts, call.rule,
+                                       self.vocab_size)
         _trace(run, len(call.tokens), span, call.trace_context)
         return response
 
-    def _verified(self, call: SpanCall, logits: torch.Tensor, response: pb.PrefillResponse) -> None:
-        """The greedy choice after each appended token; with drafts, speculative sampling's outcome."""
-        greedy, entropies = greedy_with_entropy(logits, self.vocab_size)
-        response.greedy_token_ids.extend(greedy)
-        response.greedy_entropies.extend(entropies)
-        rule = call.rule
-        if not call.drafts:
-            if rule.logprobs:
-                requests = [sampling.RowRequest(rule.sampling, 0, rule.top_logprobs)] * len(greedy)
-                response.greedy_logprobs.extend(
-                    sampling.logprobs_of(logits[:, :self.vocab_size].float(), greedy, requests))
-            return
-        k = len(call.drafts)
-        rows = logits[-k - 1:]
-        accepted, token = sampling.speculative_accept(rows, call.tokens[-k:], call.drafts, self.vocab_size,
-                                                      rule.sampling, rule.position)
-        response.accepted, response.next_token_id = accepted, token
-        response.next_entropy = entropies[len(entropies) - k - 1 + accepted]
-        if rule.logprobs:
-            request = sampling.RowRequest(rule.sampling, rule.position + accepted, rule.top_logprobs)
-            response.next_logprobs.CopyFrom(sampling.logprobs_of(rows[accepted:accepted + 1].float()[:, :self.vocab_size],
-                                                                 [token], [request])[0])
-
     def load(self) -> dict:
         stats = self.runner.stats
-        return dict(steps=stats.steps, step_tokens=stats.tokens, busy_seconds=stats.busy_s)
+        return dict(steps=stats.steps, step_tokens=stats.tokens, busy_seconds=stats.busy_s,
+                    forward_seconds=stats.forward_s)
 
     def _free_slot(self, session: Session) -> None:
         if session.state is not None:

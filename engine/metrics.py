@@ -17,6 +17,8 @@ class EngineCollector:
              load.get("step_tokens", 0)),
             (CounterMetricFamily, "rstitch_engine_busy_seconds", "Seconds the engine's loop spent in steps (over wall "
                                                                   "time: how loaded it is)", load.get("busy_seconds", 0)),
+            (CounterMetricFamily, "rstitch_engine_forward_seconds", "Of those, seconds in forwards",
+             load.get("forward_seconds", 0)),
             (GaugeMetricFamily, "rstitch_kv_used_tokens", "Tokens held in the KV caches", sessions.used),
             (GaugeMetricFamily, "rstitch_kv_capacity_tokens", "Tokens the KV budget holds", sessions.capacity),
             (CounterMetricFamily, "rstitch_kv_evictions", "Sessions evicted to make room", sessions.evictions),

@@ -15,7 +15,7 @@ import torch
 from common.draws import ACCEPT, RESIDUAL, TOKEN, uniform
 from rstitch.v1 import engine_pb2 as pb
 
-from .entropy import normalized_entropy
+from .entropy import greedy_with_entropy, normalized_entropy
 
 
 @dataclass
@@ -45,7 +45,10 @@ def choose(logits: torch.Tensor, vocab_size: int, rows: list[RowRequest]) -> Cho
     logits = logits[:, :vocab_size].float()
     entropies = normalized_entropy(logits, vocab_size).tolist()
     tokens = logits.argmax(-1).tolist()
-    distributions: list[pb.Distribution | None] = [None] * len(rows)
+    # Greedy rows choose from a point mass: that is the distribution they report when asked.
+    distributions: list[pb.Distribution | None] = [
+        pb.Distribution(token_ids=[token], probs=[1.0]) if row.distribution else None
+        for token, row in zip(tokens, rows)]
     picked = [i for i, row in enumerate(rows) if sampled(row.sampling)]
     if picked:
         probs = sampling_probs(logits[picked], [rows[i].sampling for i in picked])
@@ -132,3 +135,30 @@ def speculative_accept(logits: torch.Tensor, drafted: list[int], drafts: list[pb
         return j, draw(residual[None] / residual.sum(), [uniform(sampling.seed, position + j, RESIDUAL)])[0]
     k = len(drafted)
     return k, draw(p[k:k + 1], [uniform(sampling.seed, position + k, TOKEN)])[0]
+
+
+def fill_verification(response: pb.PrefillResponse, rows: torch.Tensor, tokens: list[int],
+                      drafts: list[pb.Distribution], rule: pb.SpanRule, vocab_size: int,
+                      entropies_known: bool = True) -> None:
+    """A verify call's answer from the logits [n, V] after each of its n appended tokens: the greedy
+    choice after each one; with drafts (the last len(drafts) tokens), speculative sampling's outcome.
+    entropies_known=False: only the last row is whole (the others' entropies are reported NaN)."""
+    greedy, entropies = greedy_with_entropy(rows, vocab_size)
+    if not entropies_known:
+        entropies[:-1] = [float("nan")] * (len(entropies) - 1)
+    response.greedy_token_ids.extend(greedy)
+    response.greedy_entropies.extend(entropies)
+    if not drafts:
+        if rule.logprobs:
+            requests = [RowRequest(rule.sampling, 0, rule.top_logprobs)] * len(greedy)
+            response.greedy_logprobs.extend(logprobs_of(rows[:, :vocab_size].float(), greedy, requests))
+        return
+    k = len(drafts)
+    drafted_rows = rows[-k - 1:]
+    accepted, token = speculative_accept(drafted_rows, tokens[-k:], drafts, vocab_size, rule.sampling, rule.position)
+    response.accepted, response.next_token_id = accepted, token
+    response.next_entropy = entropies[len(entropies) - k - 1 + accepted]
+    if rule.logprobs:
+        request = RowRequest(rule.sampling, rule.position + accepted, rule.top_logprobs)
+        response.next_logprobs.CopyFrom(
+            logprobs_of(drafted_rows[accepted:accepted + 1, :vocab_size].float(), [token], [request])[0])

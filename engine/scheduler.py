@@ -86,8 +86,6 @@ class _Work:
 class RunnerStats:
     steps: int = 0
     tokens: int = 0  # tokens fed
-    items: int = 0
-    choices: int = 0  # tokens chosen for spans
     forward_s: float = 0.0  # in forwards
     busy_s: float = 0.0  # in steps: forwards, choices and bookkeeping
 
@@ -320,7 +318,6 @@ class BatchedRunner:
             return
         now = time.perf_counter()
         choice = self.choose(torch.stack([item.span.logits for item in live]), [i.span for i in live])
-        self.stats.choices += len(live)
         requeue = []
         for n, item in enumerate(live):
             run, token = item.span, choice.tokens[n]
@@ -358,7 +355,6 @@ class BatchedRunner:
         with self._wakeup:
             self._pending.pop(item, None)
             self._in_flight.discard(item.slot)
-            self.stats.items += 1
         if error is None:
             item.future.set_result(result)
         else:

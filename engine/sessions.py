@@ -25,6 +25,7 @@ class Session:
     state: Any = None  # the backend's cache object; None until the first forward
     length: int = 0  # tokens held in the cache
     in_use: bool = False
+    release_when_done: bool = False  # released while its call ran: freed when the call ends
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -88,6 +89,8 @@ class SessionTable:
         finally:
             session.in_use = False
             session.last_used = time.monotonic()
+            if session.release_when_done:
+                self._drop(session)
 
     def grow(self, session: Session, n: int) -> None:
         """Reserve room for n more tokens in `session`, evicting idle sessions if needed."""
@@ -107,13 +110,16 @@ class SessionTable:
             session.length = length
 
     def release(self, session_id: str) -> bool:
+        """Free the session's cache; one with a call in flight (a cancelled stream the engine has not
+        stopped yet, say) is freed when that call ends."""
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
                 return False
             if session.in_use:
-                raise SessionBusy(f"session {session_id!r} has a call in flight; release it after the call")
-            self._remove(session)
+                session.release_when_done = True
+            else:
+                self._remove(session)
             return True
 
     def _evict_one(self, why: str) -> None:

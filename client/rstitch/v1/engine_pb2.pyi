@@ -236,7 +236,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_fingerprint", "max_context", "kv_capacity_tokens", "kv_used_tokens", "sessions", "eos_token_ids", "backend", "device", "dtype", "hidden_size", "kv_evictions", "latency_model", "steps", "step_tokens", "busy_seconds")
+    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_fingerprint", "max_context", "kv_capacity_tokens", "kv_used_tokens", "sessions", "eos_token_ids", "backend", "device", "dtype", "hidden_size", "kv_evictions", "latency_model", "steps", "step_tokens", "busy_seconds", "forward_seconds")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +255,7 @@ class InfoResponse(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     role: str
     vocab_size: int
@@ -273,7 +274,8 @@ class InfoResponse(_message.Message):
     steps: int
     step_tokens: int
     busy_seconds: float
-    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., kv_evictions: _Optional[int] = ..., latency_model: _Optional[_Union[LatencyModel, _Mapping]] = ..., steps: _Optional[int] = ..., step_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
+    forward_seconds: float
+    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., kv_evictions: _Optional[int] = ..., latency_model: _Optional[_Union[LatencyModel, _Mapping]] = ..., steps: _Optional[int] = ..., step_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ...) -> None: ...
 
 class LatencyModel(_message.Message):
     __slots__ = ("a", "b", "c", "d", "r2", "measured_on")
