@@ -16,6 +16,7 @@ from .servicer import SERVICE_NAME, EngineServicer
 DEFAULT_PORTS = {"slm": 50051, "llm": 50052}
 KV_BUDGET_MAX_MB = 2**30  # a pebibyte: far past any machine, and its token count still fits Info's uint64
 MAX_TORCH_THREADS = 1024  # torch starts every one of them as an OS thread
+MAX_TENSOR_PARALLEL = 1024  # GPUs of one engine; far past any node
 
 
 def model_path(value: str) -> str:
@@ -45,7 +46,11 @@ def make_parser(role: str) -> flags.Parser:
     p.add_argument("--gpu-memory-fraction", type=flags.fraction,
                    default=flags.env_default(p, "--gpu-memory-fraction", "RSTITCH_GPU_MEMORY_FRACTION", flags.fraction),
                    help="share of the GPU's memory this process may allocate, in (0, 1], when two engines share "
-                        "one GPU (env RSTITCH_GPU_MEMORY_FRACTION; default: no limit)")
+                        "one GPU; with --backend vllm also vLLM's gpu_memory_utilization (env "
+                        "RSTITCH_GPU_MEMORY_FRACTION; default: no limit)")
+    p.add_argument("--tensor-parallel-size", type=flags.integer(1, MAX_TENSOR_PARALLEL), default=1,
+                   help="GPUs one engine spreads its model over (vllm backend); only 1 runs today: more needs "
+                        "vLLM's multi-process engine, which the vllm backend does not run yet")
     p.add_argument("--max-context", type=flags.integer(1, flags.UINT32_MAX),
                    help="cap the context below the model's own maximum (default: no cap)")
     p.add_argument("--max-sessions", type=flags.integer(0), default=0,
@@ -68,8 +73,23 @@ def parse_args(role: str, argv=None, parser: flags.Parser | None = None) -> argp
     p = parser or make_parser(role)
     args = p.parse_args(argv)
     flags.check_ports_differ(p, args)
+    check_tensor_parallel(p, args)
     args.credentials = server_credentials_from_args(p, args)
     return args
+
+
+def check_tensor_parallel(parser: flags.Parser, args: argparse.Namespace) -> None:
+    """More than one GPU per engine is refused until an engine can run it (the Helm chart already passes it)."""
+    size = args.tensor_parallel_size
+    if size == 1:
+        return
+    if args.backend != "vllm":
+        parser.error(f"argument --tensor-parallel-size: {size} needs --backend vllm (the {args.backend} backend "
+                     "runs a model on one device)")
+    # The span chooser is a logits processor that shares this process's state; vLLM's tensor-parallel
+    # workers are separate processes, so it would not see the turns.
+    parser.error(f"argument --tensor-parallel-size: {size} needs vLLM's multi-process engine, which the vllm "
+                 "backend does not run yet (its span chooser runs in this process)")
 
 
 def build_engine(role: str, args: argparse.Namespace):
@@ -89,7 +109,8 @@ def build_engine(role: str, args: argparse.Namespace):
 
         return VLLMEngine(model, role=role, device=args.device, dtype=args.dtype, kv_budget_mb=args.kv_budget_mb,
                           max_context=args.max_context, model_id=args.model_id, max_sessions=args.max_sessions,
-                          max_calls=args.max_calls)
+                          max_calls=args.max_calls,
+                          gpu_memory_utilization=args.gpu_memory_fraction if kind == "cuda" else None)
     return HFEngine(model, role=role, device=args.device, dtype=args.dtype, kv_budget_mb=args.kv_budget_mb,
                     max_context=args.max_context, model_id=args.model_id, max_sessions=args.max_sessions,
                     max_calls=args.max_calls, threads=args.threads)

