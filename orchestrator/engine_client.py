@@ -69,6 +69,10 @@ class GrpcEngineClient:
         self._down_since: float | None = None  # one log line when the engine goes away, one when it is back
         self._health_lock = threading.Lock()
 
+    def answering(self) -> bool:
+        """False from a call that found the engine unreachable until a call is answered again."""
+        return self._down_since is None
+
     def wait_ready(self, timeout: float) -> None:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)

@@ -80,20 +80,27 @@ class EnginePool:
         return next(iter(self.clients.values()))
 
     def pick(self) -> str:
-        """The replica for a new session: the least busy of those not recently failed."""
+        """The replica for a new session: the least busy of those not recently failed (any, when all were)."""
         self._refresh()
         with self._lock:
-            now = time.monotonic()
-            up = [a for a in self.clients if self._down_until.get(a, 0) <= now] or list(self.clients)
-            turn = next(self._turn)
-            return min(up, key=lambda a: (self.active[a], (up.index(a) - turn) % len(up)))
+            return self._least_busy(self._not_failed() or list(self.clients))
 
     def fail_over(self, address: str) -> str | None:
-        """Another replica for a session whose replica stopped answering; None if there is none."""
+        """Another replica for a session whose replica stopped answering: one that answers; None while none does
+        (the session then waits for its own with backoff, rather than moving between dead replicas)."""
         with self._lock:
             self._down_until[address] = time.monotonic() + self.DOWN_S
-        other = self.pick()
-        return None if other == address else other
+            others = [a for a in self._not_failed() if a != address and _answering(self.clients[a])]
+            return self._least_busy(others) if others else None
+
+    def _not_failed(self) -> list[str]:
+        """Replicas not failed in the last DOWN_S seconds (after that, new sessions try a failed one again)."""
+        now = time.monotonic()
+        return [a for a in self.clients if self._down_until.get(a, 0) <= now]
+
+    def _least_busy(self, candidates: list[str]) -> str:
+        turn = next(self._turn)
+        return min(candidates, key=lambda a: (self.active[a], (candidates.index(a) - turn) % len(candidates)))
 
     def count(self, address: str, change: int) -> None:
         """Sessions this orchestrator drives on the replica: +1 when one starts, -1 when it ends."""
@@ -103,6 +110,11 @@ class EnginePool:
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
+
+
+def _answering(client) -> bool:
+    """gRPC engine clients know whether their engine answered their last call; in-process engines always do."""
+    return getattr(client, "answering", lambda: True)()
 
 
 class PinnedEngine:

@@ -43,9 +43,12 @@ NO_DEADLINE_S = 10 * 365 * 24 * 3600
 
 
 class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    """A request refused or ended with a gRPC status. `retryable` False: the same request will never
+    pass here (a size limit), unlike a full replica's RESOURCE_EXHAUSTED."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retryable: bool = True):
         super().__init__(message)
-        self.code = code
+        self.code, self.retryable = code, retryable
 
 
 @dataclass
@@ -268,7 +271,7 @@ class Orchestrator:
         if max_new > self.settings.max_new_tokens_limit:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"max_new_tokens {max_new} is above this server's limit of "
-                               f"{self.settings.max_new_tokens_limit} (--max-new-tokens-limit)")
+                               f"{self.settings.max_new_tokens_limit} (--max-new-tokens-limit)", retryable=False)
         if len(spec.stop_token_ids) > 256:  # the engines take 1024, the EOS ids included
             raise invalid(f"stop_token_ids has {len(spec.stop_token_ids)} entries; at most 256")
         bad = [t for t in spec.stop_token_ids if t >= self.vocab_size]
@@ -336,7 +339,7 @@ class Orchestrator:
         if self.settings.max_prompt_tokens and len(prompt) > self.settings.max_prompt_tokens:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the prompt has {len(prompt)} tokens, above this server's limit of "
-                               f"{self.settings.max_prompt_tokens} (--max-prompt-tokens)")
+                               f"{self.settings.max_prompt_tokens} (--max-prompt-tokens)", retryable=False)
         if len(prompt) >= self.max_context:
             raise invalid(f"the prompt has {len(prompt)} tokens; the models' context holds {self.max_context} "
                           "including the answer")

@@ -5,6 +5,7 @@ from rstitch.v1 import orchestrator_pb2 as opb
 from rstitch.v1 import orchestrator_pb2_grpc
 
 from .service import Orchestrator
+from .telemetry import timed
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -13,7 +14,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @guarded
     def Generate(self, request, context):
-        yield from self.orchestrator.generate(request.spec, context.time_remaining(), context.is_active)
+        yield from timed(self.orchestrator.generate(request.spec, context.time_remaining(), context.is_active,
+                                                    request.session_id), "grpc")
 
     @guarded
     def Resume(self, request, context):
@@ -22,8 +24,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @guarded
     def Complete(self, request, context):
-        session = self.orchestrator.complete(request.spec, context.time_remaining(), context.is_active)
-        return opb.CompleteResponse(session=session)
+        # Orchestrator.complete, with the generation's events timed as a streamed one's
+        session_id = None
+        for event in timed(self.orchestrator.generate(request.spec, context.time_remaining(), context.is_active),
+                           "grpc"):
+            if event.HasField("started"):
+                session_id = event.started.session_id
+        return opb.CompleteResponse(session=self.orchestrator.session(session_id))
 
     @guarded
     def GetSession(self, request, context):

@@ -17,6 +17,7 @@ def speculate(progress: Progress, engines: dict, journal, draft_tokens: int, bud
     drafted token by the drafts' distributions and its own (engine.proto draft_distributions): the
     LLM's sampling distribution. Both caches roll back to what is kept."""
     sampled = progress.sampling.temperature > 0
+    _undo_unfinished_round(progress)
     while True:
         start = len(progress.sequence)
         remaining = progress.room  # the LLM's verify prefill appends every drafted token
@@ -27,6 +28,10 @@ def speculate(progress: Progress, engines: dict, journal, draft_tokens: int, bud
         if not drafted:  # the SLM could not draft: its context is full
             progress.finish_reason = finish_reason(progress, context_full=True)
             return
+        # The verify feeds the sequence's last token before the drafts: the LLM's choice after it is the first one
+        # checked. A replica that took the session over between the two logged spans of a round finds the LLM's
+        # cache past it (the first span's cursor): cut it back.
+        roll_back(engines[LLM], progress, LLM, start - 1, budget)
         verified = advance(engines[LLM], progress, LLM, progress.ruled(epb.SpanRule(max_tokens=0)), budget,
                            draft=drafted, draft_distributions=draft.distributions if sampled else ())
         accepted, next_token, next_entropy, next_logprobs = _verdict(verified, drafted, sampled)
@@ -54,6 +59,24 @@ def speculate(progress: Progress, engines: dict, journal, draft_tokens: int, bud
             progress.finish_reason = opb.FINISH_REASON_CANCELLED
         if progress.finish_reason != opb.FINISH_REASON_UNSPECIFIED:
             return
+
+
+def _undo_unfinished_round(progress: Progress) -> None:
+    """Every round but the answer's last logs the SLM's kept drafts, then the LLM's token: a log that ends with
+    SLM tokens ends inside a round, its replica having died between the two writes. The round is run again from
+    its start, as an undisturbed run cuts it (it drafts and verifies the same: decoding is deterministic); its
+    SLM span is then logged again at the same index, which the store takes as already there."""
+    kept = len(progress.sources) - next((i + 1 for i in range(len(progress.sources) - 1, -1, -1)
+                                         if progress.sources[i] != SLM), 0)
+    if not kept:
+        return
+    del progress.tokens[-kept:], progress.sources[-kept:], progress.entropies[-kept:]
+    progress.logged -= 1
+    progress.stats.spans -= 1
+    progress.stats.slm_tokens -= kept
+    progress.stats.accepted_tokens -= kept
+    for role in (SLM, LLM):  # the engines are cut back to the round's start by the calls' own repairs
+        progress.synced[role] = min(progress.synced[role], len(progress.sequence))
 
 
 def _verdict(verified: epb.PrefillResponse, drafted: list[int], sampled: bool):

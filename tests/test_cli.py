@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from unittest import mock
 
@@ -55,11 +56,14 @@ class DeploymentReached(Exception):
     """Raised by the stand-in for LocalDeployment: `rstitch demo` got as far as starting the services."""
 
 
-def run_cli(*argv: str, env: dict | None = None) -> Outcome:
-    """main(argv) in this process, with the client's variables of the environment replaced by env.
-    Any exception but SystemExit escapes, failing the test: that would be a traceback for a user."""
+def run_cli(*argv: str, env: dict | None = None, retry_s: float = 0) -> Outcome:
+    """main(argv) in this process, with the client's variables of the environment replaced by env, and
+    retry_s the default of --retry (most tests reach the connect step against no server, where the real
+    default would retry for 30 s). Any exception but SystemExit escapes, failing the test: that would be a
+    traceback for a user."""
     stdout, stderr = io.StringIO(), io.StringIO()
-    with mock.patch.dict(os.environ), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with mock.patch.dict(os.environ), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+            mock.patch("rstitch.cli.DEFAULT_RETRY_S", retry_s):
         for name in CLIENT_ENV:
             os.environ.pop(name, None)
         os.environ.update(env or {})
@@ -119,6 +123,9 @@ BAD_GENERATE = {
     "timeout -1": (["--timeout", "-1", "hi"], "--timeout"),
     "timeout nan": (["--timeout", "nan", "hi"], "--timeout"),
     "timeout 1e300": (["--timeout", "1e300", "hi"], "--timeout"),
+    "retry -1": (["--retry", "-1", "hi"], "--retry"),
+    "retry nan": (["--retry", "nan", "hi"], "--retry"),
+    "retry inf": (["--retry", "inf", "hi"], "--retry"),
     "policy unknown": (["--policy", "fastest", "hi"], "--policy"),
     "orchestrator empty": (["--orchestrator", "", "hi"], "--orchestrator"),
     "orchestrator space": (["--orchestrator", "127.0.0.1 :50050", "hi"], "--orchestrator"),
@@ -232,6 +239,14 @@ def test_session_reaches_the_connect_step():
     assert_unavailable(run_cli("session", "--orchestrator", REFUSED, "0123abcd"))
 
 
+def test_with_no_orchestrator_generate_retries_for_retry_seconds_then_says_so():
+    started = time.monotonic()
+    outcome = run_cli("generate", "--orchestrator", REFUSED, "--retry", "1", "hi", retry_s=30)
+    assert 1 <= time.monotonic() - started < 4
+    assert_unavailable(outcome)
+    assert re.search(r"\(gave up after 1\.\d s of retries; session [0-9a-f]{32}\)$", outcome.line), outcome.line
+
+
 def test_ctrl_c_exits_130_without_a_traceback():
     with mock.patch.object(RStitchClient, "generate", side_effect=KeyboardInterrupt):
         outcome = run_cli("generate", "--orchestrator", REFUSED, "hi")
@@ -255,7 +270,7 @@ def cli_process(*args: str | bytes) -> subprocess.CompletedProcess:
 def test_a_real_process_writes_one_line_for_bytes_a_shell_may_pass():
     """What a user's terminal shows: the process's whole stderr, grpc's own logs included."""
     for args, code in [(["generate", b"caf\xe9"], 2), (["generate", "--orchestrator", "", "hi"], 2),
-                       (["generate", "--orchestrator", REFUSED, "--timeout", "5", "hi"], 1)]:
+                       (["generate", "--orchestrator", REFUSED, "--timeout", "5", "--retry", "1", "hi"], 1)]:
         done = cli_process(*args)
         assert done.returncode == code and len(done.stderr.splitlines()) == 1, (args, done)
 
@@ -390,6 +405,8 @@ def connection_options(inv: Invocation, files: dict) -> None:
     inv.option("--timeout", number_text, lambda t: (v := as_number(t)) is not None and 0 < v <= 1e9)
     if random_address:  # a name to resolve might take until the deadline: keep it short (the last one wins)
         inv.argv.append("--timeout=0.5")
+    inv.option("--retry", number_text, lambda t: (v := as_number(t)) is not None and 0 <= v < float("inf"))
+    inv.argv.append("--retry=0")  # no retries against no server (the last one wins)
     # Each TLS flag gets its own file, or one that security.py refuses (what makes a usable PEM file is its business).
     unusable = st.one_of(st.sampled_from([files[k] for k in ("dir", "missing", "empty", "router")]), any_text)
     tls = {k: inv.option(f"--tls-{k}", st.one_of(st.just(files[k]), unusable), lambda p, k=k: p == files[k])

@@ -161,7 +161,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("why", REFUSED)
 def test_clients_without_the_right_certificates_are_refused(secure, pki, why):
-    with RStitchClient(secure.address, timeout=10, tls=REFUSED[why](pki), token=TOKEN) as client:
+    with RStitchClient(secure.address, timeout=10, tls=REFUSED[why](pki), token=TOKEN, retry_s=0) as client:
         assert refused(lambda: client.generate(PROMPTS[0], max_new_tokens=5)).code() == grpc.StatusCode.UNAVAILABLE
 
 

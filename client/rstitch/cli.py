@@ -16,6 +16,7 @@ import time
 import grpc
 
 from .client import (
+    DEFAULT_RETRY_S,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     MAX_TOP_LOGPROBS,
@@ -284,7 +285,7 @@ def cmd_demo(args) -> int:
 
 
 def connect(args) -> RStitchClient:
-    return RStitchClient(args.orchestrator, timeout=args.timeout, tls=args.tls, token=args.token)
+    return RStitchClient(args.orchestrator, timeout=args.timeout, tls=args.tls, token=args.token, retry_s=args.retry)
 
 
 def resolve_connection_args(args) -> None:
@@ -307,7 +308,12 @@ def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None
     parser.add_argument("--orchestrator", type=address, metavar="ADDRESS",
                         help=f"HOST:PORT, or any gRPC target such as ipv4:HOST:PORT,HOST:PORT "
                              f"(default: ${ORCHESTRATOR_ENV}, else {DEFAULT_ORCHESTRATOR})")
-    parser.add_argument("--timeout", type=seconds, default=timeout, metavar="SECONDS", help="deadline of the call")
+    parser.add_argument("--timeout", type=seconds, default=timeout, metavar="SECONDS",
+                        help="deadline of the call (of a generation: re-attaches included)")
+    parser.add_argument("--retry", type=non_negative, default=DEFAULT_RETRY_S, metavar="SECONDS",
+                        help="how long to keep retrying, with backoff, while no orchestrator can serve the call (one "
+                             "restarting, a failover to another replica); a broken generation is re-attached, never "
+                             "run twice. 0: fail at once")
     add_client_tls_args(parser, what="the orchestrator")
     add_token_arg(parser)
 

@@ -50,12 +50,14 @@ class Redis:
 
     password: require it (requirepass). tls: (cert, key, ca) PEM files: serve TLS only, on the same port;
     clients that present a certificate must have it signed by ca. `url` reaches the server either way.
+    kill() and start() restart it on the same port and directory (with AOF: with what it had acknowledged).
     """
 
     def __init__(self, binary: str = "redis-server", appendonly: bool = False, password: str | None = None,
                  tls: tuple[str, str, str] | None = None):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="rstitch-redis-")
+        self.tls = tls
         args = [binary, "--bind", "127.0.0.1", "--save", "", "--dir", self.dir,
                 "--appendonly", "yes" if appendonly else "no"]
         if appendonly:
@@ -71,24 +73,36 @@ class Redis:
         else:
             args += ["--port", str(self.port)]
             self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        self.args = args
+        try:
+            self.start()
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def start(self, timeout: float = 10):
+        """Start the server and wait until it answers."""
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    if tls:  # listening is enough; speaking TLS here would need a client of its own
+                    if self.tls:  # listening is enough; speaking TLS here would need a client of its own
                         return
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.02)
-        self.stop()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
-    def stop(self):
+    def kill(self):
+        """SIGKILL, keeping the directory (and so the AOF) for start()."""
         self.process.kill()
         self.process.wait()
+
+    def stop(self):
+        self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -126,30 +140,40 @@ class LocalDeployment:
 
     Security options go in the services' args (--tls-cert, --engine-tls-ca, --auth-token-file, ...);
     tls is then what the health checks use to reach every service. env: variables set for all three
-    (e.g. OTEL_EXPORTER_OTLP_ENDPOINT), beside this process's own.
+    (e.g. OTEL_EXPORTER_OTLP_ENDPOINT), beside this process's own. *_replicas: processes of each service;
+    every orchestrator is given every engine replica, and `address` reaches every orchestrator.
     """
 
     def __init__(self, redis: str | None = "auto", slm_args=(), llm_args=(), orchestrator_args=(), log_dir=None,
-                 tls: ClientTLS | None = None, env: dict[str, str] | None = None):
+                 tls: ClientTLS | None = None, env: dict[str, str] | None = None, slm_replicas: int = 1,
+                 llm_replicas: int = 1, orchestrator_replicas: int = 1):
         self._stack = ExitStack()
         self.tls = tls
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rstitch-logs-"))
         self.redis_url = self._redis(redis)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         try:
-            self.slm = self._service("slm_service", list(slm_args), env)
-            self.llm = self._service("llm_service", list(llm_args), env)
-            for engine in (self.slm, self.llm):
+            self.slms = self._replicas("slm_service", slm_replicas, list(slm_args), env)
+            self.llms = self._replicas("llm_service", llm_replicas, list(llm_args), env)
+            for engine in self.slms + self.llms:  # started together, waited for together
                 engine.wait()
-            args = ["--slm", self.slm.address, "--llm", self.llm.address, *orchestrator_args]
+            args = ["--slm", ",".join(s.address for s in self.slms), "--llm", ",".join(s.address for s in self.llms),
+                    *orchestrator_args]
             if self.redis_url:
                 args += ["--redis", self.redis_url]
-            self.orchestrator = self._service("orchestrator", args, env)
-            self.orchestrator.wait()
+            self.orchestrators = self._replicas("orchestrator", orchestrator_replicas, args, env)
+            for orchestrator in self.orchestrators:
+                orchestrator.wait()
         except BaseException:
             self.close()
             raise
-        self.address = self.orchestrator.address
+        self.slm, self.llm, self.orchestrator = self.slms[0], self.llms[0], self.orchestrators[0]
+        addresses = [o.address for o in self.orchestrators]
+        self.address = addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+
+    def _replicas(self, name, count, args, env) -> list[Service]:
+        """`count` processes of a service, started (not waited for)."""
+        return [self._service(name if i == 0 else f"{name}#{i + 1}", args, env) for i in range(count)]
 
     def _redis(self, redis):
         if redis != "auto":

@@ -49,9 +49,18 @@ class ClientTLS:
 
 def channel(address: str, tls: ClientTLS | None = None, token: str | None = None, options=()) -> grpc.Channel:
     """A channel to address: TLS when tls is given, else insecure; token is sent as `authorization: Bearer`."""
+    credentials, options = channel_credentials(tls, token, options)
+    if credentials is None:
+        return grpc.insecure_channel(address, options)
+    return grpc.secure_channel(address, credentials, options)
+
+
+def channel_credentials(tls: ClientTLS | None, token: str | None, options=()) -> tuple[grpc.ChannelCredentials | None,
+                                                                                        list]:
+    """The credentials of a channel (None: insecure) and its options (a TLS server name override added)."""
     options = list(options)
     if tls is None and token is None:
-        return grpc.insecure_channel(address, options)
+        return None, options
     if tls is not None:
         credentials = tls.credentials()
         if tls.server_name:
@@ -62,7 +71,7 @@ def channel(address: str, tls: ClientTLS | None = None, token: str | None = None
         credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
     if token is not None:
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-    return grpc.secure_channel(address, credentials, options)
+    return credentials, options
 
 
 # --- command-line flags, the same in every program ------------------------------------------------
