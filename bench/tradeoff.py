@@ -130,7 +130,7 @@ def entropy_analysis(client, problems, slm_runs, llm_runs, max_new_tokens, decod
     right = [statistics.fmean(r["entropies"]) for r in slm_runs if r["correct"] and r["entropies"]]
     wrong = [statistics.fmean(r["entropies"]) for r in slm_runs if not r["correct"] and r["entropies"]]
     harmful = []  # (entropy of the harmful token, mean entropy of the window ending at it)
-    cases = [(p, s) for p, s, l in zip(problems, slm_runs, llm_runs) if l["correct"] and not s["correct"]]
+    cases = [(p, s) for p, s, big in zip(problems, slm_runs, llm_runs) if big["correct"] and not s["correct"]]
     for problem, slm in tqdm(cases, desc="first harmful tokens", file=sys.stderr):
         i = first_harmful(client, problem, slm, max_new_tokens, decode)
         if i is not None:
@@ -274,7 +274,7 @@ def main(argv=None):
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
                    f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
-        "spec_equal": sum(s["token_ids"] == l["token_ids"] for s, l in zip(runs["spec k=4"][0], runs["llm"][0])),
+        "spec_equal": sum(s["token_ids"] == big["token_ids"] for s, big in zip(runs["spec k=4"][0], runs["llm"][0])),
     }
     llm = [summarize("llm", r, None) for r in runs["llm"]]
     rows = [summarize_seeds(name, runs[name], llm) for name, _ in all_methods]

@@ -77,13 +77,17 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
     return server, bound
 
 
-def serve_until_signalled(server, grace_s: float = 5) -> None:
-    """Block until SIGTERM or SIGINT, then let in-flight calls finish for up to grace_s."""
+def serve_until_signalled(server, grace_s: float = 5, also_stop=()) -> None:
+    """Block until SIGTERM or SIGINT, then let in-flight calls finish for up to grace_s; the
+    `also_stop` callables (other servers of the process) stop meanwhile, not after."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    server.stop(grace=grace_s).wait()
+    stopped = server.stop(grace=grace_s)
+    for other in also_stop:
+        other()
+    stopped.wait()
 
 
 def guarded(method):

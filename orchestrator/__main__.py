@@ -1,6 +1,7 @@
-"""python -m orchestrator --slm HOST:PORT --llm HOST:PORT [--redis URL] [--port N]"""
+"""python -m orchestrator --slm HOST:PORT --llm HOST:PORT [--redis URL] [--port N] [--http-port N]"""
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import flags, telemetry
@@ -15,7 +16,7 @@ from rstitch.security import (
 )
 from rstitch.v1 import orchestrator_pb2_grpc
 
-from .auth import add_auth_args, interceptors_from_args
+from .auth import BearerTokenInterceptor, add_auth_args, token_from_args
 from .engine_client import GrpcEngineClient
 from .replicas import EnginePool
 from .service import Orchestrator, Settings
@@ -41,6 +42,10 @@ def make_parser() -> flags.Parser:
     p.add_argument("--host", type=flags.host, default="127.0.0.1",
                    help="address to listen on (0.0.0.0 in a container; IPv6 in brackets)")
     p.add_argument("--port", type=flags.port, default=50050, help="0 picks a free port")
+    p.add_argument("--http-port", type=flags.port,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                        "/v1/models, /health) on this port, with the same TLS and token (0 picks a free port); "
+                        "default: off")
     p.add_argument("--tau", type=flags.number(0, 1), default=Settings.tau,
                    help="entropy threshold of requests that send none, in [0, 1]")
     p.add_argument("--router", type=flags.readable_file,
@@ -67,7 +72,8 @@ def make_parser() -> flags.Parser:
     p.add_argument("--engine-wait", type=flags.seconds(0, low_open=True), default=120,
                    help="seconds to wait for the engines at start-up")
     p.add_argument("--workers", type=flags.integer(0), default=0,
-                   help="gRPC worker threads (0: max sessions + max queue + 16 for the other calls)")
+                   help="gRPC worker threads, and as many for the HTTP API's generations (0: max sessions + "
+                        "max queue + 16 for the other calls)")
     add_server_tls_args(p)
     add_client_tls_args(p, "engine-", "the engines")
     add_auth_args(p)
@@ -80,7 +86,8 @@ def parse_args(argv=None, parser: flags.Parser | None = None):
     p = parser or make_parser()
     args = p.parse_args(argv)
     check_combinations(p, args)
-    args.credentials, args.interceptors = server_credentials_from_args(p, args), interceptors_from_args(p, args)
+    args.credentials, args.token = server_credentials_from_args(p, args), token_from_args(p, args)
+    args.interceptors = [BearerTokenInterceptor(args.token)] if args.token is not None else []
     args.engine_tls = client_tls_from_args(p, args, "engine-")
     return args
 
@@ -88,6 +95,9 @@ def parse_args(argv=None, parser: flags.Parser | None = None):
 def check_combinations(parser, args) -> None:
     """The rules between flags; each flag's own range is its type's."""
     flags.check_ports_differ(parser, args)
+    if args.http_port and args.http_port in (args.port, args.metrics_port):
+        taken = "--port" if args.http_port == args.port else "--metrics-port"
+        parser.error(f"argument --http-port: {args.http_port} is {taken} already; the HTTP API needs a port of its own")
     if args.max_new_tokens > args.max_new_tokens_limit:
         parser.error(f"argument --max-new-tokens: {args.max_new_tokens} is above --max-new-tokens-limit "
                      f"{args.max_new_tokens_limit}; requests that ask for no length would all be refused")
@@ -123,6 +133,7 @@ def main(argv=None) -> None:
     # pair, a router file gone since parsing (OSError).
     except (OSError, ValueError, EngineError) as e:
         flags.exit_on_failure("orchestrator", e)
+    http = start_http(args, orchestrator) if args.http_port is not None else None
     try:
         server, port = start_server(
             lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(orchestrator), s),
@@ -136,7 +147,27 @@ def main(argv=None) -> None:
     except OSError as e:
         flags.exit_on_failure("orchestrator", e)
     logging.info("serving orchestrator on %s:%d", args.host, port)
-    serve_until_signalled(server)
+    serve_until_signalled(server, also_stop=[http.stop] if http is not None else [])
+
+
+def start_http(args, orchestrator: Orchestrator):
+    """The OpenAI-compatible API on --http-port, serving once this returns; its generations get as many
+    threads as the gRPC server's calls (--workers)."""
+    from .http_api.app import create_app
+    from .http_api.server import HttpServer
+
+    workers = args.workers or args.max_sessions + args.max_queue + 16
+    executor = ThreadPoolExecutor(workers, thread_name_prefix="http-generation")
+    app = create_app(orchestrator, executor, args.token)
+    try:
+        http = HttpServer(app, args.host, args.http_port, args.tls_cert, args.tls_key, args.tls_client_ca)
+        http.start()
+    except (OSError, RuntimeError) as e:  # a port in use; TLS files that make no context (ssl.SSLError)
+        flags.exit_on_failure("orchestrator", f"cannot serve HTTP on {args.host}:{args.http_port}: "
+                                              f"{getattr(e, 'strerror', None) or e} (--http-port)")
+    logging.info("serving the OpenAI-compatible API on http%s://%s:%d/v1", "s" if args.tls_cert else "",
+                 args.host, http.port)
+    return http
 
 
 def open_store(args):

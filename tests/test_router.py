@@ -16,11 +16,9 @@ from orchestrator.router import Router
 from rstitch.v1 import engine_pb2 as epb
 from rstitch.v1 import orchestrator_pb2 as opb
 from training.dapo import RouterNet, dapo_loss, group_advantages, reward
-
 from training.rollouts import NoJournal
 
 from .conftest import PROMPTS
-
 
 # --- the objective ------------------------------------------------------------------------------
 

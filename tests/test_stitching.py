@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engine.default_models import build_tokenizer
-from orchestrator.loop import Budget, Progress, stitch
 from orchestrator.engine_client import LocalEngineClient
+from orchestrator.loop import Budget, Progress, stitch
 from orchestrator.policies import LLM, SLM, EntropyPolicy
 from orchestrator.service import Orchestrator
 from orchestrator.store import MemorySessionStore
