@@ -70,9 +70,9 @@ def run_method(client, problems, options, max_new_tokens, progress, seed=0, samp
     `sampled` the SAMPLING draws)."""
     runs = []
     for i, problem in enumerate(problems):
-        sampled = {**(SAMPLING if sampled else {}), "seed": seed * 100_000 + i}
+        draws = {**(SAMPLING if sampled else {}), "seed": seed * 100_000 + i}
         started = time.perf_counter()
-        result = client.generate(problem.question, max_new_tokens=max_new_tokens, **options, **sampled)
+        result = client.generate(problem.question, max_new_tokens=max_new_tokens, **options, **draws)
         runs.append({"latency_ms": (time.perf_counter() - started) * 1e3, "correct": score(result.text, problem),
                      "token_ids": result.token_ids, "sources": result.sources, "entropies": result.entropies,
                      "prompt_token_ids": result.prompt_token_ids, "text": result.text, "stats": result.stats})
