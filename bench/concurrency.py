@@ -18,6 +18,7 @@ concurrency.md/.json/.png under --out.
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import statistics
@@ -72,8 +73,21 @@ def engine_load(engines) -> dict:
     return {role: client.info() for role, client in engines.items()}
 
 
-def run_cell(address: str, engines: dict, policy: str, concurrency: int, requests: int, problems, seed: int,
-             max_new: int) -> dict:
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROCESSES = ("slm", "llm", "orchestrator", "redis", "client")  # "client": this benchmark's own process
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system, all threads) each process has used so far."""
+    out = {}
+    for name, pid in pids.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return out
+
+
+def run_cell(address: str, engines: dict, pids: dict[str, int], policy: str, concurrency: int, requests: int,
+             problems, seed: int, max_new: int) -> dict:
     rng = random.Random(seed)
     work = [[rng.choice(problems) for _ in range(requests)] for _ in range(concurrency)]
     records: list[dict] = []
@@ -84,27 +98,30 @@ def run_cell(address: str, engines: dict, policy: str, concurrency: int, request
                 records.append(one_generation(client, problem, policy, max_new))
 
     threads = [threading.Thread(target=session, args=(mine,)) for mine in work]
-    before = engine_load(engines)
+    before, cpu_before = engine_load(engines), cpu_seconds(pids)
     started = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.monotonic() - started
-    after = engine_load(engines)
+    after, cpu_after = engine_load(engines), cpu_seconds(pids)
     ok = [r for r in records if not r["error"]]
     ttft = [r["ttft_s"] * 1e3 for r in ok if r["ttft_s"] is not None]
     gaps = [g * 1e3 for r in ok for g in r["gaps_s"]]
     engines_busy = {role: {"busy": (after[role].busy_seconds - before[role].busy_seconds) / wall,
                            "forward": (after[role].forward_seconds - before[role].forward_seconds) / wall,
                            "batch": (after[role].step_tokens - before[role].step_tokens)
-                           / max(1, after[role].steps - before[role].steps)} for role in engines}
+                           / max(1, after[role].steps - before[role].steps),
+                           "fed": (after[role].step_tokens - before[role].step_tokens)
+                           / max(1, sum(r["tokens"] for r in records))} for role in engines}
     latency = statistics.fmean(r["stats"]["latency_ms"] for r in ok) if ok else math.nan
     parts = {label: statistics.fmean(sum(r["stats"][f] for f in fields) for r in ok) if ok else math.nan
              for label, fields in TIME_PARTS}
     parts["rest"] = latency - sum(parts.values())
     return {"tokens_per_s": sum(r["tokens"] for r in ok) / wall, "wall_s": wall, "generations": len(records),
             "engines": engines_busy, "latency_ms": latency, "time_ms": parts,
+            "cpu_cores": {name: (cpu_after[name] - cpu_before[name]) / wall for name in pids},
             "errors": sorted({r["error"] for r in records if r["error"]}),
             "accuracy": 100 * statistics.fmean(r["correct"] for r in ok) if ok else None,
             "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)}}
@@ -114,8 +131,9 @@ def pct(values, p):  # nearest rank
     return sorted(values)[max(0, math.ceil(p / 100 * len(values)) - 1)] if values else None
 
 
-def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, tuple[str, dict]]:
-    """Per backend: the orchestrator's address, and clients of its two engines (for their load)."""
+def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, tuple[str, dict, dict]]:
+    """Per backend: the orchestrator's address, clients of its two engines (for their load) and the pids of
+    its processes (for their CPU time)."""
     out = {}
     for backend in backends:
         engine = ["--backend", backend, "--kv-budget-mb", "256"]  # room for 64 sessions of a full context (hf: one slot each)
@@ -125,7 +143,9 @@ def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, tuple[s
         engines = {"slm": GrpcEngineClient(d.slm.address), "llm": GrpcEngineClient(d.llm.address)}
         for client in engines.values():
             stack.callback(client.close)
-        out[backend] = (d.address, engines)
+        pids = {"slm": d.slm.process.pid, "llm": d.llm.process.pid, "orchestrator": d.orchestrator.process.pid,
+                "redis": d.redis_server.process.pid, "client": os.getpid()}
+        out[backend] = (d.address, engines, pids)
     return out
 
 
@@ -141,6 +161,9 @@ def summarize(results: dict) -> dict:
                        "forward": {role: statistics.median(r["engines"][role]["forward"] for r in rounds)
                                    for role in ROLES},
                        "batch": {role: statistics.median(r["engines"][role]["batch"] for r in rounds) for role in ROLES},
+                       "fed": {role: statistics.median(r["engines"][role]["fed"] for r in rounds) for role in ROLES},
+                       "cpu_cores": {name: statistics.median(r["cpu_cores"][name] for r in rounds)
+                                     for name in PROCESSES},
                        "latency_ms": statistics.median(r["latency_ms"] for r in rounds),
                        "time_ms": {part: statistics.median(r["time_ms"][part] for r in rounds)
                                    for part in rounds[0]["time_ms"]},
@@ -148,6 +171,9 @@ def summarize(results: dict) -> dict:
                        "ttft_p99": median("ttft_ms", "p99"), "itl_p50": median("itl_ms", "p50"),
                        "itl_p99": median("itl_ms", "p99"), "errors": sum(len(r["errors"]) for r in rounds)}
     return table
+
+
+READING = "## Reading"
 
 
 def write_markdown(table: dict, args, path: Path) -> None:
@@ -165,19 +191,35 @@ def write_markdown(table: dict, args, path: Path) -> None:
                      f"{row['ttft_p99']:.0f} | {row['itl_p50']:.1f} / {row['itl_p99']:.1f} | {row['accuracy']:.1f} "
                      f"| {row['errors']} |")
     lines += ["", "Where the time goes: each engine's step loop busy (share of the cell's wall time; in brackets "
-              "the share in forwards, the rest being token choice and bookkeeping) and its mean batch (tokens per step); a generation's mean latency and its parts from the sessions' Stats "
+              "the share in forwards, the rest being token choice and bookkeeping), its mean batch (tokens per "
+              "step) and the tokens it fed per answer token (prefill and decode); a generation's mean latency and "
+              "its parts from the sessions' Stats "
               "(forward: the engines' own time in forwards and token choice for it; queue: waiting for a step; "
               "rpc: engine calls' time outside the engines; store: waiting for Redis; rest: the orchestrator's "
               "own work, client-side streaming and switches' decisions).", "",
-              "| backend | policy | sessions | SLM busy / batch | LLM busy / batch | latency ms | forward | queue "
-              "| rpc | store | rest |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+              "| backend | policy | sessions | SLM busy / batch / fed | LLM busy / batch / fed | latency ms | forward "
+              "| queue | rpc | store | rest |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for (backend, policy, c), row in sorted(table.items()):
         t = row["time_ms"]
-        lines.append(f"| {backend} | {policy} | {c} | {row['busy']['slm']:.0%} ({row['forward']['slm']:.0%}) / "
-                     f"{row['batch']['slm']:.1f} | {row['busy']['llm']:.0%} ({row['forward']['llm']:.0%}) / "
-                     f"{row['batch']['llm']:.1f} | {row['latency_ms']:.0f} | "
+        engines = " | ".join(f"{row['busy'][r]:.0%} ({row['forward'][r]:.0%}) / {row['batch'][r]:.1f} / "
+                             f"{row['fed'][r]:.2f}" for r in ROLES)
+        lines.append(f"| {backend} | {policy} | {c} | {engines} | {row['latency_ms']:.0f} | "
                      + " | ".join(f"{t[part]:.0f}" for part in ("forward", "queue", "rpc", "store", "rest")) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    lines += ["", f"CPU cores each process used over the cell (CPU seconds / wall seconds; this machine has "
+              f"{os.cpu_count()}): the engines, the orchestrator, redis-server and the benchmark's client threads.",
+              "", "| backend | policy | sessions | " + " | ".join(PROCESSES) + " | total |",
+              "|---|---|--:|" + "--:|" * (len(PROCESSES) + 1)]
+    for (backend, policy, c), row in sorted(table.items()):
+        cores = row["cpu_cores"]
+        lines.append(f"| {backend} | {policy} | {c} | " + " | ".join(f"{cores[n]:.2f}" for n in PROCESSES)
+                     + f" | {sum(cores.values()):.2f} |")
+    path.write_text("\n".join(lines) + "\n" + kept_reading(path))
+
+
+def kept_reading(path: Path) -> str:
+    """The hand-written reading of a run (from READING on) survives the tables being rewritten."""
+    text = path.read_text() if path.exists() else ""
+    return "\n" + (text[text.index(READING):] if READING in text else f"{READING}\n\n(not written for this run yet)\n")
 
 
 def plot(table: dict, args, path: Path) -> None:
@@ -221,8 +263,8 @@ def main(argv=None) -> None:
             for round_ in range(args.rounds):
                 for cell in rng.sample(cells, len(cells)):
                     backend, policy, c = cell
-                    address, engines = targets[backend]
-                    results[cell].append(run_cell(address, engines, policy, c, args.requests, problems,
+                    address, engines, pids = targets[backend]
+                    results[cell].append(run_cell(address, engines, pids, policy, c, args.requests, problems,
                                                   args.seed + round_, args.max_new_tokens))
                     bar.update()
     table = summarize(results)

@@ -150,6 +150,7 @@ class LocalDeployment:
         self._stack = ExitStack()
         self.tls = tls
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rstitch-logs-"))
+        self.redis_server: Redis | None = None  # the private redis-server, when this deployment started one
         self.redis_url = self._redis(redis)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         try:
@@ -183,9 +184,9 @@ class LocalDeployment:
         binary = shutil.which("redis-server")
         if binary is None:
             return None
-        server = Redis(binary)
-        self._stack.callback(server.stop)
-        return server.url
+        self.redis_server = Redis(binary)
+        self._stack.callback(self.redis_server.stop)
+        return self.redis_server.url
 
     def _service(self, name, args, env):
         service = Service(name, args, free_port(), self.log_dir, env, self.tls)
