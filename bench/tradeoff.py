@@ -220,7 +220,7 @@ def plot(rows, analysis, out):
     ax.set_ylabel("held-out accuracy (%)")
     seeds = rows[0]["seeds"]
     ax.set_title("Accuracy against latency (batch 1, split deployment" +
-                 (f"; sampled, {seeds} seeds, min-max)" if analysis is None else ")"))
+                 (f";\nsampled, {seeds} seeds, min-max)" if analysis is None else ")"), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
