@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
+import psutil
 from tqdm import tqdm
 
 from orchestrator.engine_client import GrpcEngineClient
@@ -73,21 +74,17 @@ def engine_load(engines) -> dict:
     return {role: client.info() for role, client in engines.items()}
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PROCESSES = ("slm", "llm", "orchestrator", "redis", "client")  # "client": this benchmark's own process
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
     """CPU time (user + system, all threads) each process has used so far."""
-    out = {}
-    for name, pid in pids.items():
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        out[name] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-    return out
+    return {name: sum(process.cpu_times()[:2]) for name, process in processes.items()}
 
 
-def run_cell(address: str, engines: dict, pids: dict[str, int], policy: str, concurrency: int, requests: int,
-             problems, seed: int, max_new: int) -> dict:
+def run_cell(address: str, engines: dict, processes: dict[str, psutil.Process], policy: str, concurrency: int,
+             requests: int, problems, seed: int, max_new: int) -> dict:
+    """One cell; cpu_cores: the CPU each of `processes` used over it, in cores (CPU seconds / wall seconds)."""
     rng = random.Random(seed)
     work = [[rng.choice(problems) for _ in range(requests)] for _ in range(concurrency)]
     records: list[dict] = []
@@ -98,14 +95,14 @@ def run_cell(address: str, engines: dict, pids: dict[str, int], policy: str, con
                 records.append(one_generation(client, problem, policy, max_new))
 
     threads = [threading.Thread(target=session, args=(mine,)) for mine in work]
-    before, cpu_before = engine_load(engines), cpu_seconds(pids)
+    before, cpu_before = engine_load(engines), cpu_seconds(processes)
     started = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.monotonic() - started
-    after, cpu_after = engine_load(engines), cpu_seconds(pids)
+    after, cpu_after = engine_load(engines), cpu_seconds(processes)
     ok = [r for r in records if not r["error"]]
     ttft = [r["ttft_s"] * 1e3 for r in ok if r["ttft_s"] is not None]
     gaps = [g * 1e3 for r in ok for g in r["gaps_s"]]
@@ -121,7 +118,7 @@ def run_cell(address: str, engines: dict, pids: dict[str, int], policy: str, con
     parts["rest"] = latency - sum(parts.values())
     return {"tokens_per_s": sum(r["tokens"] for r in ok) / wall, "wall_s": wall, "generations": len(records),
             "engines": engines_busy, "latency_ms": latency, "time_ms": parts,
-            "cpu_cores": {name: (cpu_after[name] - cpu_before[name]) / wall for name in pids},
+            "cpu_cores": {name: (cpu_after[name] - cpu_before[name]) / wall for name in processes},
             "errors": sorted({r["error"] for r in records if r["error"]}),
             "accuracy": 100 * statistics.fmean(r["correct"] for r in ok) if ok else None,
             "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)}}
@@ -132,8 +129,8 @@ def pct(values, p):  # nearest rank
 
 
 def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, tuple[str, dict, dict]]:
-    """Per backend: the orchestrator's address, clients of its two engines (for their load) and the pids of
-    its processes (for their CPU time)."""
+    """Per backend: the orchestrator's address, clients of its two engines (for their load) and its processes
+    (for their CPU time)."""
     out = {}
     for backend in backends:
         engine = ["--backend", backend, "--kv-budget-mb", "256"]  # room for 64 sessions of a full context (hf: one slot each)
@@ -145,7 +142,7 @@ def deployments(stack: ExitStack, backends, log_root: Path) -> dict[str, tuple[s
             stack.callback(client.close)
         pids = {"slm": d.slm.process.pid, "llm": d.llm.process.pid, "orchestrator": d.orchestrator.process.pid,
                 "redis": d.redis_server.process.pid, "client": os.getpid()}
-        out[backend] = (d.address, engines, pids)
+        out[backend] = (d.address, engines, {name: psutil.Process(pid) for name, pid in pids.items()})
     return out
 
 
@@ -263,8 +260,8 @@ def main(argv=None) -> None:
             for round_ in range(args.rounds):
                 for cell in rng.sample(cells, len(cells)):
                     backend, policy, c = cell
-                    address, engines, pids = targets[backend]
-                    results[cell].append(run_cell(address, engines, pids, policy, c, args.requests, problems,
+                    address, engines, processes = targets[backend]
+                    results[cell].append(run_cell(address, engines, processes, policy, c, args.requests, problems,
                                                   args.seed + round_, args.max_new_tokens))
                     bar.update()
     table = summarize(results)

@@ -39,9 +39,6 @@ class Deployed:
     engines: dict  # role -> GrpcEngineClient (bench/concurrency.py reads their Info)
     processes: dict  # PROCESSES -> psutil.Process
 
-    def cpu_seconds(self) -> dict:
-        return {name: sum(process.cpu_times()[:2]) for name, process in self.processes.items()}
-
 
 def deploy(stack: ExitStack, tree: Path, log_dir: Path) -> Deployed:
     engine = ["--backend", "vllm", "--kv-budget-mb", "256"]
@@ -57,15 +54,14 @@ def deploy(stack: ExitStack, tree: Path, log_dir: Path) -> Deployed:
 
 
 def measured_cell(deployed: Deployed, policy: str, concurrency: int, args, problems, round_: int) -> dict:
-    before = deployed.cpu_seconds()
-    result = run_cell(deployed.address, deployed.engines, policy, concurrency, args.requests, problems,
-                      args.seed + round_, args.max_new_tokens)
-    after = deployed.cpu_seconds()
+    result = run_cell(deployed.address, deployed.engines, deployed.processes, policy, concurrency, args.requests,
+                      problems, args.seed + round_, args.max_new_tokens)
     if result["errors"]:
         print(f"{policy} x{concurrency}: errors {result['errors']}", file=sys.stderr)
-    tokens = result["tokens_per_s"] * result["wall_s"]
+    # CPU ms per answer token: cores x wall seconds over the tokens
     return {"tokens_per_s": result["tokens_per_s"],
-            "cpu_ms": {name: 1e3 * (after[name] - before[name]) / max(tokens, 1) for name in PROCESSES}}
+            "cpu_ms": {name: 1e3 * cores / max(result["tokens_per_s"], 1e-9)
+                       for name, cores in result["cpu_cores"].items()}}
 
 
 def main(argv=None) -> None:

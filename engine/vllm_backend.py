@@ -47,7 +47,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
 
-from common.errors import EngineUnavailable, InvalidRequest  # noqa: E402
+from common.errors import EngineUnavailable  # noqa: E402
 from rstitch.v1 import engine_pb2 as pb  # noqa: E402
 
 from . import checkpoints, sampling  # noqa: E402
@@ -553,8 +553,6 @@ class VLLMEngine(Engine):
                                        entropies_known=full)
             reply.call.session.state.next_logits = check.last_logits
             self._decode(reply)
-        except ValueError as e:  # what the request's drafts made impossible
-            reply.call.future.set_exception(InvalidRequest(str(e)))
         except BaseException as e:  # noqa: BLE001 - the caller raises it; nothing may leave it waiting
             reply.call.future.set_exception(e)
 

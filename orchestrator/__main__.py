@@ -86,6 +86,7 @@ def parse_args(argv=None, parser: flags.Parser | None = None):
     p = parser or make_parser()
     args = p.parse_args(argv)
     check_combinations(p, args)
+    args.workers = args.workers or args.max_sessions + args.max_queue + 16  # 16: the calls that are not generations
     args.credentials, args.token = server_credentials_from_args(p, args), token_from_args(p, args)
     args.interceptors = [BearerTokenInterceptor(args.token)] if args.token is not None else []
     args.engine_tls = client_tls_from_args(p, args, "engine-")
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
     try:
         server, port = start_server(
             lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(orchestrator), s),
-            [SERVICE_NAME], args.host, args.port, args.workers or args.max_sessions + args.max_queue + 16,
+            [SERVICE_NAME], args.host, args.port, args.workers,
             args.credentials, args.interceptors,
         )
     except (OSError, RuntimeError) as e:  # grpcio itself raises RuntimeError where it cannot bind
@@ -156,8 +157,7 @@ def start_http(args, orchestrator: Orchestrator):
     from .http_api.app import create_app
     from .http_api.server import HttpServer
 
-    workers = args.workers or args.max_sessions + args.max_queue + 16
-    executor = ThreadPoolExecutor(workers, thread_name_prefix="http-generation")
+    executor = ThreadPoolExecutor(args.workers, thread_name_prefix="http-generation")
     app = create_app(orchestrator, executor, args.token)
     try:
         http = HttpServer(app, args.host, args.http_port, args.tls_cert, args.tls_key, args.tls_client_ca)

@@ -7,6 +7,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,8 +162,12 @@ class Orchestrator:
                 return
 
     def complete(self, spec: opb.GenerationSpec, timeout_s: float | None = None, caller_alive=None) -> opb.Session:
+        return self.run_to_end(self.generate(spec, timeout_s, caller_alive))
+
+    def run_to_end(self, events: Iterator[opb.GenerateResponse]) -> opb.Session:
+        """Runs a generation's events (generate's, or a wrapper of them) to their end: the session as stored."""
         session_id = None
-        for event in self.generate(spec, timeout_s, caller_alive):
+        for event in events:
             if event.HasField("started"):
                 session_id = event.started.session_id
         return self.session(session_id)

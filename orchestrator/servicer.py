@@ -24,13 +24,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @guarded
     def Complete(self, request, context):
-        # Orchestrator.complete, with the generation's events timed as a streamed one's
-        session_id = None
-        for event in timed(self.orchestrator.generate(request.spec, context.time_remaining(), context.is_active),
-                           "grpc"):
-            if event.HasField("started"):
-                session_id = event.started.session_id
-        return opb.CompleteResponse(session=self.orchestrator.session(session_id))
+        events = self.orchestrator.generate(request.spec, context.time_remaining(), context.is_active)
+        return opb.CompleteResponse(session=self.orchestrator.run_to_end(timed(events, "grpc")))
 
     @guarded
     def GetSession(self, request, context):

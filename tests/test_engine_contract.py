@@ -223,6 +223,20 @@ def test_release_frees_the_session(client, sid):
         prefill(client, sid, [5], base=len(PROMPT), max_tokens=1)
 
 
+def test_a_session_released_during_its_span_is_freed_when_the_span_ends(client, sid):
+    """A Release that arrives while a span runs (the orchestrator's, after its client went away) is not
+    refused: the span ends as it would, then the session is gone."""
+    stream = client.stream_span(pb.PrefillRequest(session_id=sid, token_ids=PROMPT, rule=pb.SpanRule(max_tokens=8)))
+    next(stream)  # the span holds the session now
+    assert client.release(pb.ReleaseRequest(session_id=sid)).released
+    with pytest.raises(StopIteration) as ended:
+        while True:
+            next(stream)
+    assert len(ended.value.value.span.token_ids) == 8
+    with pytest.raises(errors.SessionNotFound):
+        prefill(client, sid, [5], base=ended.value.value.span.cache_len, max_tokens=1)
+
+
 def test_kv_budget_evicts_the_least_recently_used_session(client, sid):
     capacity = client.info().kv_capacity_tokens  # 1.5 MiB / 3 KiB per token
     assert capacity == 512

@@ -24,6 +24,7 @@ from .client import (
     DEFAULT_RETRY_S,
     RETRY_CODES,
     GenerationResult,
+    _generate_next,
     _Patience,
     _take,
     make_spec,
@@ -141,18 +142,9 @@ class _Attachment:
             except grpc.aio.AioRpcError as e:
                 if len(self.result.token_ids) > received:
                     patience.progressed()
-                generating = self._generate_next(generating, e)
+                generating = _generate_next(generating, self.started, e)
                 await patience.wait(e, self.result.session_id)
                 self.result.reattaches += 1
-
-    def _generate_next(self, generating: bool, error: grpc.RpcError) -> bool:
-        """Whether Generate (else Resume) continues after the call that raised `error`; raises it if none can."""
-        code = error.code()
-        if code in RETRY_CODES or (generating and code == grpc.StatusCode.ALREADY_EXISTS):
-            return False
-        if not generating and code == grpc.StatusCode.NOT_FOUND and not self.started:
-            return True  # no replica ever created the session: start it now
-        raise error
 
     async def _events(self, generating: bool, patience: _AsyncPatience):
         client = self.client

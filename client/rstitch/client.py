@@ -268,29 +268,20 @@ class _Attachment:
 
     def run(self) -> GenerationResult:
         patience = _Patience(self.client.retry_s, self.client._deadline())
-        call = self._generate if self.spec is not None else self._resume
+        generating = self.spec is not None
         while True:
             received = len(self.result.token_ids)
             try:
-                for event in call(patience):
+                for event in (self._generate if generating else self._resume)(patience):
                     self.started |= event.HasField("started")
                     _take(event, self.result, self.on_text)
                 return self.result
             except grpc.RpcError as e:
                 if len(self.result.token_ids) > received:
                     patience.progressed()
-                call = self._next_call(call, e)
+                generating = _generate_next(generating, self.started, e)
                 patience.back_off(e, self.result.session_id)
                 self.result.reattaches += 1
-
-    def _next_call(self, failed, error: grpc.RpcError):
-        """The call that continues the generation after `failed` raised `error`; raises it if none can."""
-        code = error.code()
-        if code in RETRY_CODES or (failed == self._generate and code == grpc.StatusCode.ALREADY_EXISTS):
-            return self._resume
-        if failed == self._resume and code == grpc.StatusCode.NOT_FOUND and not self.started:
-            return self._generate  # the store has no such session: no replica ever created it, so start it now
-        raise error
 
     def _generate(self, patience: _Patience):
         request = opb.GenerateRequest(spec=self.spec, session_id=self.result.session_id)
@@ -300,6 +291,17 @@ class _Attachment:
         request = opb.ResumeRequest(session_id=self.result.session_id,
                                     received_tokens=self.held_before + len(self.result.token_ids))
         return self.client._call(self.client._stub.Resume, request, patience)
+
+
+def _generate_next(generating: bool, started: bool, error: grpc.RpcError) -> bool:
+    """Whether Generate (else Resume) continues a generation after its call (Generate if `generating`) raised
+    `error`; raises it if no call can. `started`: the session is known to exist."""
+    code = error.code()
+    if code in RETRY_CODES or (generating and code == grpc.StatusCode.ALREADY_EXISTS):
+        return False
+    if not generating and code == grpc.StatusCode.NOT_FOUND and not started:
+        return True  # the store has no such session: no replica ever created it, so start it now
+    raise error
 
 
 def _gather(events, result: GenerationResult, on_text=None) -> GenerationResult:
