@@ -8,8 +8,8 @@ recommends) for every method, each problem once per seed; the table gives the me
 its spread (min-max), the plot error bars. Without it, greedy, and also the entropy analysis.
 
 Starts the default deployment (both engine services, the orchestrator and a private redis-server
-as separate processes), runs each method on the same held-out problems one at a time (batch 1, as
-in the paper), and writes:
+as separate processes), runs every method on the same held-out problems one generation at a time (batch 1, as in the
+paper), the methods taking turns problem by problem so machine drift hits them alike, and writes:
   docs/tradeoff.md    the table (paper Table 1 / Tables 5-14) and the entropy analysis (section 3.2.1)
   docs/tradeoff.png   accuracy against mean latency, one curve per method (paper Figure 4)
   docs/entropy.png    the entropy analysis (paper Figure 3)
@@ -51,7 +51,8 @@ def routers():
         if data not in seen:  # the default router is a copy of one of the sweep's
             seen.add(data)
             about = Router.from_bytes(data).about
-            yield f"router lam={about['lambda']}", {"policy": "router", "tau": about["tau"], "router": data}
+            start = " imitation" if "--imitate" in about["command"] else ""  # warm-started from a fixed tau
+            yield f"router lam={about['lambda']}{start}", {"policy": "router", "tau": about["tau"], "router": data}
 
 
 def methods():
@@ -65,19 +66,15 @@ def methods():
     yield from routers()
 
 
-def run_method(client, problems, options, max_new_tokens, progress, seed=0, sampled=False):
-    """One generation per problem, the i-th with seed seed*100000+i (random routing's draws, and with
+def run_one(client, problem, i, options, max_new_tokens, seed=0, sampled=False):
+    """The generation of the i-th problem, with seed seed*100000+i (random routing's draws, and with
     `sampled` the SAMPLING draws)."""
-    runs = []
-    for i, problem in enumerate(problems):
-        draws = {**(SAMPLING if sampled else {}), "seed": seed * 100_000 + i}
-        started = time.perf_counter()
-        result = client.generate(problem.question, max_new_tokens=max_new_tokens, **options, **draws)
-        runs.append({"latency_ms": (time.perf_counter() - started) * 1e3, "correct": score(result.text, problem),
-                     "token_ids": result.token_ids, "sources": result.sources, "entropies": result.entropies,
-                     "prompt_token_ids": result.prompt_token_ids, "text": result.text, "stats": result.stats})
-        progress.update()
-    return runs
+    draws = {**(SAMPLING if sampled else {}), "seed": seed * 100_000 + i}
+    started = time.perf_counter()
+    result = client.generate(problem.question, max_new_tokens=max_new_tokens, **options, **draws)
+    return {"latency_ms": (time.perf_counter() - started) * 1e3, "correct": score(result.text, problem),
+            "token_ids": result.token_ids, "sources": result.sources, "entropies": result.entropies,
+            "prompt_token_ids": result.prompt_token_ids, "text": result.text, "stats": result.stats}
 
 
 def summarize_seeds(name, runs_by_seed, llm_by_seed):
@@ -194,7 +191,7 @@ def write_table(rows, analysis, args, info, path):
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows, analysis, out):
+def plot(rows, out, sampled: bool):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,24 +206,23 @@ def plot(rows, analysis, out):
         ax.errorbar([r["latency_ms"] for r in pts], [r["accuracy"] for r in pts], fmt=style, label=labels[prefix],
                     xerr=spread(pts, "latency_ms"), yerr=spread(pts, "accuracy"), capsize=2)
         for r in pts:
-            ax.annotate(r["method"].split(" ")[1], (r["latency_ms"], r["accuracy"]), textcoords="offset points",
+            ax.annotate(r["method"].split(" ", 1)[1], (r["latency_ms"], r["accuracy"]), textcoords="offset points",
                         xytext=(4, -10), fontsize=7)
     for r in rows:
         if r["method"] in ("llm", "slm", "spec k=4"):
             ax.errorbar(r["latency_ms"], r["accuracy"], xerr=spread([r], "latency_ms"), yerr=spread([r], "accuracy"),
                         fmt="*", markersize=12, capsize=2,
                         label=f"{r['method']}-only" if r["method"] != "spec k=4" else "speculative (k=4)")
-    ax.set_xlabel("mean latency per problem (ms)")
+    ax.set_xscale("log")  # speculative decoding can be several times LLM-only; R-Stitch's points stay apart
+    ax.set_xlabel("mean latency per problem (ms, log scale)")
     ax.set_ylabel("held-out accuracy (%)")
     seeds = rows[0]["seeds"]
     ax.set_title("Accuracy against latency (batch 1, split deployment" +
-                 (f";\nsampled, {seeds} seeds, min-max)" if analysis is None else ")"), fontsize=10)
-    ax.grid(alpha=0.3)
+                 (f";\nsampled, {seeds} seeds, min-max)" if sampled else ")"), fontsize=10)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
-    if analysis is not None:
-        plot_entropy(analysis, out.parent / "entropy.png")
 
 
 def plot_entropy(a, path):
@@ -248,7 +244,7 @@ def plot_entropy(a, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=200, help="held-out problems per method")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--sampled", action="store_true", help=f"decode with {SAMPLING}, --seeds times")
     parser.add_argument("--seeds", type=int, default=3, help="with --sampled: runs of every method, seed 0..N-1")
     parser.add_argument("--out", help="path prefix of the outputs (default docs/tradeoff, or docs/tradeoff-sampled)")
@@ -261,13 +257,15 @@ def main(argv=None):
     print("starting the deployment...", file=sys.stderr)
     with LocalDeployment() as deployment, RStitchClient(deployment.address) as client:
         client.generate(problems[0].question, policy="entropy")  # warm-up
-        runs = {name: [] for name, _ in all_methods}
+        runs = {name: [[] for _ in seeds] for name, _ in all_methods}
         with tqdm(total=len(all_methods) * len(problems) * len(seeds), desc="generations", file=sys.stderr) as bar:
-            for seed in seeds:  # a whole sweep per seed: machine drift hits every method alike
-                for name, options in all_methods:
-                    bar.set_postfix_str(f"{name} seed {seed}")
-                    runs[name].append(run_method(client, problems, options, args.max_new_tokens, bar, seed,
-                                                 args.sampled))
+            for seed in seeds:
+                bar.set_postfix_str(f"seed {seed}")
+                for i, problem in enumerate(problems):  # every method on a problem in turn: drift hits all alike
+                    for name, options in all_methods:
+                        runs[name][seed].append(run_one(client, problem, i, options, args.max_new_tokens, seed,
+                                                        args.sampled))
+                        bar.update()
         analysis = None if args.sampled else entropy_analysis(client, problems, runs["slm"][0], runs["llm"][0],
                                                               args.max_new_tokens, _decode)
     info = {
@@ -282,7 +280,9 @@ def main(argv=None):
         write_sampled_table(rows, args, info, out.with_suffix(".md"))
     else:
         write_table(rows, analysis, args, info, out.with_suffix(".md"))
-    plot(rows, analysis, out)
+    plot(rows, out, args.sampled)
+    if analysis is not None:
+        plot_entropy(analysis, out.parent / "entropy.png")
     out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows, "analysis": analysis and {
         k: v for k, v in analysis.items() if k not in ("all_entropies",)}}, indent=1))
     print(out.with_suffix(".md").read_text())
@@ -302,7 +302,7 @@ def write_sampled_table(rows, args, info, path):
         "",
         f"Made by `{' '.join(['python', 'bench/tradeoff.py', *sys.argv[1:]])}` on {info['date']} "
         f"({info['machine']}). {args.problems} held-out problems, temperature {SAMPLING['temperature']}, top-p "
-        f"{SAMPLING['top_p']}, {args.seeds} seeds (each a whole sweep of every method, run one after the other), "
+        f"{SAMPLING['top_p']}, {args.seeds} seeds (every method on one problem in turn), "
         "batch 1, one generation at a time through the split deployment. Each number is the mean over the seeds, "
         "with its spread (min-max) for accuracy and latency; speedup and token reduction are against LLM-only "
         "of the same seed.",

@@ -223,3 +223,45 @@ def test_training_command_writes_a_loadable_router_and_its_curves(tmp_path):
     assert len(record["history"]) == 2 and record["parameters"] == router.parameters
     assert {"router tau=0.02", "entropy tau=0.02"} <= set(record["validation"])
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_imitation_warm_start_fits_fixed_threshold_routing():
+    import statistics
+
+    from engine.default_models import build_tokenizer
+    from training.dapo import FixedTau, imitate, load_pair
+    from training.rollouts import Roller
+    from training.task import training_problems
+
+    engines, latencies = load_pair(fast=True)
+    roller, stream = Roller(engines, latencies, build_tokenizer(), max_new_tokens=16), training_problems(seed=5)
+    problems = [next(stream) for _ in range(40)]
+    net = RouterNet(engines["slm"].info().hidden_size)
+    probe = FixedTau(net.export({}), tau=2.0)  # never switches: the SLM's own entropies, to pick a teacher
+    for problem in problems:
+        roller.run(problem, 0.0, probe)
+    teacher_tau = statistics.median(float(f[-2]) for f in probe.features)
+    stats = imitate(net, roller, problems, 0.0, teacher_tau, {})
+    assert stats["imitation_tokens"] >= 30 and 0.2 < stats["imitation_switch_share"] < 0.8
+    assert stats["imitation_agreement"] >= 0.9  # the network can read the threshold off its entropy input
+    teacher = FixedTau(net.export({}), teacher_tau)
+    for problem in problems:
+        roller.run(problem, 0.0, teacher)
+    router = net.export({})
+    agree = [router.switches(f[:-2], float(f[-2]), round(float(f[-1]) * router.position_scale)) == s
+             for f, s in zip(teacher.features, teacher.switch)]
+    assert sum(agree) >= 0.9 * len(agree)  # the deployed form (standardization folded in) routes as the teacher
+
+
+def test_rollouts_charge_every_engine_call_to_the_trajectory():
+    from engine.default_models import build_tokenizer
+    from training.dapo import always_switch, load_pair
+    from training.rollouts import Roller
+    from training.task import training_problems
+
+    engines, latencies = load_pair(fast=True)  # unit costs: 1 per LLM token, 0.2 per SLM token
+    roller, problem = Roller(engines, latencies, build_tokenizer(), max_new_tokens=16), next(training_problems(seed=7))
+    slm_only, llm_only = roller.run(problem, 1.0, always_switch), roller.run(problem, 0.0, always_switch)
+    # The loop streams its spans: each streamed forward is charged, not only Prefill/Decode calls (the
+    # tiny pair writes all 16 tokens here, each a forward of one token after the prompt's prefill).
+    assert slm_only.latency_ms >= 0.2 * 16 * 0.99 and llm_only.latency_ms > 4 * slm_only.latency_ms

@@ -44,6 +44,41 @@ def test_problems_are_exact_and_read_left_to_right():
             value = int(rhs)
 
 
+def test_the_worked_solution_spells_out_the_concise_one_at_least_half_again_as_long():
+    rng = random.Random(1)
+    for _ in range(2000):
+        p = make_problem(rng)
+        steps = p.solution.split(";")[:-1]
+        assert p.worked == " ".join(f"step {i}: {s};" for i, s in enumerate(steps, 1)) + f" answer A:{p.answer}"
+        assert score(p.worked, p) and len(p.worked) >= 1.5 * len(p.solution)
+
+
+def test_the_llm_learns_verbose_answers_and_concise_continuations_and_the_slm_concise_answers():
+    from engine.default_models import build_tokenizer
+    from training.train import CONCISE_SHARE, example, prompt_ids
+
+    tokenizer, rng, problems = build_tokenizer(), random.Random(0), random.Random(2)
+    kinds = {"verbose": 0, "continuation": 0}
+    for _ in range(1000):
+        p = make_problem(problems)
+        prompt = prompt_ids(tokenizer, p.question)
+        for role in ("slm", "llm"):
+            ids, labels = example(p, tokenizer, role, rng)
+            assert len(ids) == len(labels) and ids[:len(prompt)] == prompt and ids[-1] == tokenizer.eos_token_id
+            answer, learned = tokenizer.decode(ids[len(prompt):-1]), [t for t in labels if t != -100]
+            given = labels.index(learned[0]) - len(prompt)  # the loss covers one suffix: what follows `given`
+            assert labels[len(prompt) + given:] == ids[len(prompt) + given:]
+            if role == "slm":
+                assert answer == p.solution and given == 0
+            elif answer == p.worked:
+                kinds["verbose"] += 1
+                assert given == 0
+            else:
+                kinds["continuation"] += 1
+                assert answer == p.solution and 1 <= given <= len(p.solution)  # at least <eos> is learned
+    assert abs(kinds["continuation"] / 1000 - CONCISE_SHARE) < 0.06
+
+
 def test_heldout_is_fixed_and_never_trained_on():
     held = heldout()
     assert len(held) == 500 and len({p.question for p in held}) == 500
@@ -80,8 +115,11 @@ def test_fast_training_run_saves_a_loadable_checkpoint(tmp_path):
                                          tokenize=False) == "<|user|>1+2<|assistant|>"
     record = json.loads((out / "training.json").read_text())["runs"]
     assert len(record) == 1 and record[0]["steps"] == 5 and "--fast" in record[0]["command"]
-    # Resuming continues the saved weights and appends a second run to the record.
-    again = subprocess.run([sys.executable, "-m", "training.train", "--fast", "--resume", "--out", str(out)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # Resuming continues the saved weights and appends a second run to the record; as the LLM, it
+    # also measures continuing a concise partial solution.
+    again = subprocess.run([sys.executable, "-m", "training.train", "--fast", "--role", "llm", "--resume", "--out",
+                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert [r["steps"] for r in json.loads((out / "training.json").read_text())["runs"]] == [5, 5]
+    runs = json.loads((out / "training.json").read_text())["runs"]
+    assert [r["steps"] for r in runs] == [5, 5] and "continuing a concise partial solution" in again.stdout
+    assert "continuation_accuracy" not in runs[0] and 0 <= runs[1]["continuation_accuracy"] <= 1

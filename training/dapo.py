@@ -39,7 +39,7 @@ from orchestrator.router import EXTRA_FEATURES, Router
 from .rollouts import Roller, SampledRouter, Trajectory
 from .task import training_problems
 
-POSITION_SCALE = 64.0  # answers are at most 64 tokens
+POSITION_SCALE = 64.0  # the SLM's concise answers are under 40 tokens
 
 
 # --- the objective (eq. 4, 7, 8) -----------------------------------------------------------------
@@ -159,6 +159,42 @@ def always_switch(hidden, entropy, position) -> bool:
     return True
 
 
+class FixedTau:
+    """The teacher of the imitation warm start: switch when the entropy is above `tau`, recording
+    every consulted token's router features."""
+
+    def __init__(self, router: Router, tau: float):
+        self.router, self.tau, self.features, self.switch = router, tau, [], []
+
+    def __call__(self, hidden: np.ndarray, entropy: float, position: int) -> bool:
+        self.features.append(self.router.features(hidden, entropy, position))
+        self.switch.append(entropy > self.tau)
+        return self.switch[-1]
+
+
+def imitate(net: RouterNet, roller: Roller, problems, consult_tau: float, teacher_tau: float, about: dict,
+            epochs: int = 300) -> dict:
+    """Warm start: fit the router to fixed-threshold routing at teacher_tau (cross-entropy on the
+    tokens that routing consults), so DAPO starts from a point on the fixed-tau curve."""
+    teacher = FixedTau(net.export(about), teacher_tau)
+    for problem in problems:
+        roller.run(problem, consult_tau, teacher)
+    if not teacher.features:
+        return {"teacher_tau": teacher_tau, "imitation_tokens": 0}
+    x, target = np.stack(teacher.features), torch.tensor(teacher.switch, dtype=torch.float32)
+    net.standardize_from(x)
+    x = torch.as_tensor(x)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net.logits(x), target)
+        loss.backward()
+        optimizer.step()
+    agreement = float(((net.logits(x) > 0) == target.bool()).float().mean())
+    return {"teacher_tau": teacher_tau, "imitation_tokens": len(target), "imitation_switch_share": float(target.mean()),
+            "imitation_agreement": agreement, "imitation_loss": loss.item()}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.dapo", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=default_router_path(), help="router file to write")
@@ -178,6 +214,9 @@ def parse_args(argv=None):
     p.add_argument("--curves", type=Path, help="PNG of reward, accuracy and latency per step (default: beside --out)")
     p.add_argument("--validation", type=int, default=200,
                    help="problems (not held out, not trained on) to compare the router with fixed tau at the end")
+    p.add_argument("--imitate", type=float, metavar="TAU",
+                   help="warm start: first fit the router to fixed-threshold routing at this tau (behaviour cloning)")
+    p.add_argument("--imitation-problems", type=int, default=64, help="with --imitate: problems the teacher routes")
     p.add_argument("--fast", action="store_true", help="the tiny pair, a unit latency model: for the tests")
     return p.parse_args(argv)
 
@@ -213,10 +252,14 @@ def main(argv=None) -> None:
     history = []
     about = {"tau": args.tau, "lambda": args.lam, "command": shlex.join(["python", "-m", "training.dapo", *(argv or sys.argv[1:])])}
     started = time.monotonic()
+    if args.imitate is not None:
+        about["imitation"] = imitate(net, roller, [next(problems) for _ in range(args.imitation_problems)], args.tau,
+                                     args.imitate, about)
+        print(f"imitation of tau={args.imitate}: {about['imitation']}", file=sys.stderr)
     with tqdm(range(args.steps), desc="DAPO steps", file=sys.stderr) as bar:
         for step in bar:
             batch = [next(problems) for _ in range(args.batch)]
-            if step == 0:  # standardize inputs on the features the first rollouts see
+            if step == 0 and args.imitate is None:  # standardize inputs on the features the first rollouts see
                 warm = rollout_groups(roller, net.export(about), batch[:2], args.tau, 2, rng)
                 features = [d.features for g in warm for t in g for d in t.decisions]
                 if features:

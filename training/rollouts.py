@@ -70,6 +70,11 @@ class MeteredEngine(LocalEngineClient):
         self.ms += self.latency.call_ms(req.base_len, 0, out.span.timings.forwards)
         return out
 
+    def stream_span(self, req, timeout=None):  # how the loop calls an engine for a span
+        out = yield from super().stream_span(req, timeout)
+        self.ms += self.latency.call_ms(req.base_len, len(req.token_ids), out.span.timings.forwards)
+        return out
+
 
 class NoJournal:
     """Rollouts keep nothing: their spans are read off the Progress at the end."""
@@ -81,7 +86,7 @@ class NoJournal:
 class Roller:
     """Runs trajectories of one engine pair."""
 
-    def __init__(self, engines: dict, latencies: dict, tokenizer, max_new_tokens: int = 64):
+    def __init__(self, engines: dict, latencies: dict, tokenizer, max_new_tokens: int = 128):
         self.engines, self.latencies, self.tokenizer = engines, latencies, tokenizer
         self.max_new_tokens = max_new_tokens
         self.eos = sorted({t for e in engines.values() for t in e.info().eos_token_ids})

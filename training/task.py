@@ -1,7 +1,12 @@
 """The synthetic task: left-to-right chains of 2-3 operations on 1-99, solved step by step.
 
     question  (69*4-13)*3
-    solution  69*4=276;276-13=263;263*3=789;A:789
+    solution  69*4=276;276-13=263;263*3=789;A:789                                        (concise)
+    worked    step 1: 69*4=276; step 2: 276-13=263; step 3: 263*3=789; answer A:789      (verbose)
+
+The SLM is trained on the concise solution; the LLM writes the verbose worked one from scratch, and
+continues a concise partial solution concisely, so a stitched answer is as short as the SLM's (the
+paper's token reduction) while LLM-only decoding pays for every verbose token.
 
 Operations are +b and -b (b in 1-99) and *d (d in 2-9); every intermediate value stays in 0-999.
 Brackets wrap the chain so far when a multiplication follows an addition or subtraction, so the
@@ -23,6 +28,12 @@ class Problem:
     question: str
     solution: str
     answer: int
+
+    @property
+    def worked(self) -> str:
+        """The verbose solution: each step numbered and the answer announced, about 2x the characters."""
+        steps = self.solution.split(";")[:-1]
+        return "".join(f"step {i}: {s}; " for i, s in enumerate(steps, 1)) + f"answer A:{self.answer}"
 
 
 def make_problem(rng: random.Random) -> Problem:

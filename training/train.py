@@ -7,11 +7,17 @@
 
 Both models use the engine's character-level tokenizer and chat template, so a prompt is exactly
 what `rstitch generate "(69*4-13)*3"` sends; the loss covers the solution and <eos> only.
+
+The SLM learns the concise solution. The LLM learns the verbose worked solution from an empty
+answer, and, in CONCISE_SHARE of its examples, the concise solution continued from a random point
+(the loss on what follows that point only): the position where R-Stitch hands it an SLM's partial
+solution. So LLM-only answers are verbose, and a stitched answer stays concise.
 """
 
 import argparse
 import json
 import math
+import random
 import shlex
 import signal
 import sys
@@ -35,7 +41,8 @@ SHAPES = {
 }
 SEEDS = {"slm": 1, "llm": 2, "fast": 3}
 WARMUP_STEPS = 100
-MAX_NEW_TOKENS = 64  # the longest solution is under 40 characters
+MAX_NEW_TOKENS = 128  # the longest worked solution is under 75 characters
+CONCISE_SHARE = 0.5
 
 
 def parse_args(argv=None):
@@ -79,33 +86,49 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
                                          tokenize=True, return_dict=False)
 
 
-def make_batch(problems, tokenizer):
-    """Right-padded ids and labels; labels are -100 on the prompt and the padding.
+def example(problem, tokenizer, role: str, rng: random.Random) -> tuple[list[int], list[int]]:
+    """One problem's ids and labels (-100 where there is no loss) for a model of this role."""
+    prompt = prompt_ids(tokenizer, problem.question)
+    verbose = role == "llm" and rng.random() >= CONCISE_SHARE
+    answer = tokenizer(problem.worked if verbose else problem.solution, add_special_tokens=False)["input_ids"]
+    answer += [tokenizer.eos_token_id]
+    given = rng.randint(1, len(answer) - 1) if role == "llm" and not verbose else 0  # the SLM's partial solution
+    return prompt + answer, [-100] * (len(prompt) + given) + answer[given:]
+
+
+def make_batch(problems, tokenizer, role: str, rng: random.Random):
+    """Right-padded ids and labels; labels are -100 on the prompt, any given prefix and the padding.
 
     No attention mask is needed: attention is causal, so padding after a sequence never reaches it.
     """
-    rows = []
-    for p in problems:
-        prompt = prompt_ids(tokenizer, p.question)
-        target = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((prompt + target, [-100] * len(prompt) + target))
+    rows = [example(p, tokenizer, role, rng) for p in problems]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r, _ in rows])
     labels = torch.tensor([r + [-100] * (width - len(r)) for _, r in rows])
     return ids, labels
 
 
-def evaluate(model, tokenizer, n: int, show: int = 3) -> float:
-    """Held-out accuracy with exact greedy decoding, one problem at a time (float32, KV cache)."""
+def evaluate(model, tokenizer, n: int, given=lambda i, p: "", show: int = 3) -> tuple[float, float]:
+    """Held-out accuracy and mean answer length in tokens (characters, on this tokenizer), with exact
+    greedy decoding one problem at a time (float32, KV cache); given(i, p) is a start of the answer
+    handed to the model."""
     model.eval()
-    right = 0
+    right, length = 0, 0
     for i, p in enumerate(tqdm(heldout(n), desc="held-out", mininterval=5, file=sys.stdout)):
-        text = tokenizer.decode(greedy(model, prompt_ids(tokenizer, p.question), MAX_NEW_TOKENS, tokenizer.eos_token_id))
-        right += score(text, p)
+        start = given(i, p)
+        ids = prompt_ids(tokenizer, p.question) + tokenizer(start, add_special_tokens=False)["input_ids"]
+        new = greedy(model, ids, MAX_NEW_TOKENS, tokenizer.eos_token_id)
+        text = start + tokenizer.decode(new)
+        right, length = right + score(text, p), length + len(ids) - len(prompt_ids(tokenizer, p.question)) + len(new)
         if i < show:
-            tqdm.write(f"  {p.question} -> {text[:60]!r} ({'right' if score(text, p) else 'wrong, ' + str(p.answer)})",
+            tqdm.write(f"  {p.question} -> {text[:80]!r} ({'right' if score(text, p) else 'wrong, ' + str(p.answer)})",
                        file=sys.stdout)
-    return right / n
+    return right / n, length / n
+
+
+def concise_start(i: int, problem) -> str:
+    """A concise partial solution cut at a random point, as R-Stitch hands the LLM an SLM's answer."""
+    return problem.solution[:random.Random(i).randint(1, len(problem.solution) - 1)]
 
 
 def main(argv=None) -> None:
@@ -128,6 +151,7 @@ def main(argv=None) -> None:
 
     # Every run draws its own fresh problems (a resumed run does not replay the first one's).
     stream = training_problems(seed=SEEDS[shape_name] + 1000 * len(runs))
+    formats = random.Random(SEEDS[shape_name] + 1000 * len(runs))  # which examples are concise, and cut where
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     budget_s = args.minutes * 60 if args.minutes else math.inf
     max_steps = args.max_steps or math.inf
@@ -148,7 +172,7 @@ def main(argv=None) -> None:
         lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids, labels = make_batch([next(stream) for _ in range(args.batch)], tokenizer)
+        ids, labels = make_batch([next(stream) for _ in range(args.batch)], tokenizer, args.role, formats)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # ~1.65x faster than float32 on this CPU
             loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
@@ -174,15 +198,21 @@ def main(argv=None) -> None:
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    accuracy = evaluate(model, tokenizer, args.eval)
-    print(f"held-out accuracy ({args.role if not args.fast else 'fast'}, greedy, {args.eval} problems): {accuracy:.1%}")
+    accuracy, length = evaluate(model, tokenizer, args.eval)
+    name = f"{args.role}{' (fast)' if args.fast else ''}"
+    print(f"held-out accuracy ({name}, greedy, {args.eval} problems): {accuracy:.1%}, answers {length:.1f} tokens")
+    measured = {"heldout_accuracy": accuracy, "heldout_answer_tokens": length}
+    if args.role == "llm":
+        accuracy, length = evaluate(model, tokenizer, args.eval, given=concise_start)
+        print(f"continuing a concise partial solution: {accuracy:.1%}, answers {length:.1f} tokens")
+        measured |= {"continuation_accuracy": accuracy, "continuation_answer_tokens": length}
 
     runs.append({
         "command": "python -m training.train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "role": args.role, "shape": SHAPES[shape_name], "parameters": sum(p.numel() for p in model.parameters()),
         "steps": step, "minutes": round(minutes, 2), "tokens": tokens, "batch": args.batch, "peak_lr": args.lr,
         "final_loss": round(loss_avg, 5) if loss_avg is not None else None, "interrupted": bool(stop),
-        "heldout_problems": args.eval, "heldout_accuracy": accuracy,
+        "heldout_problems": args.eval, **measured,
     })
     record_path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
 
