@@ -216,7 +216,8 @@ def parse_args(argv=None):
                    help="problems (not held out, not trained on) to compare the router with fixed tau at the end")
     p.add_argument("--imitate", type=float, metavar="TAU",
                    help="warm start: first fit the router to fixed-threshold routing at this tau (behaviour cloning)")
-    p.add_argument("--imitation-problems", type=int, default=64, help="with --imitate: problems the teacher routes")
+    p.add_argument("--imitation-problems", type=int, default=512,
+                   help="with --imitate: problems the teacher routes (64 gave ~200 tokens, too few: docs/router.md)")
     p.add_argument("--fast", action="store_true", help="the tiny pair, a unit latency model: for the tests")
     return p.parse_args(argv)
 
