@@ -8,8 +8,9 @@ recommends) for every method, each problem once per seed; the table gives the me
 its spread (min-max), the plot error bars. Without it, greedy, and also the entropy analysis.
 
 Starts the default deployment (both engine services, the orchestrator and a private redis-server
-as separate processes), runs every method on the same held-out problems one generation at a time (batch 1, as in the
-paper), the methods taking turns problem by problem so machine drift hits them alike, and writes:
+as separate processes), runs every method on the same held-out problems one generation at a
+time (batch 1, as in the paper), the methods taking turns problem by problem so machine drift hits
+them alike, and writes:
   docs/tradeoff.md    the table (paper Table 1 / Tables 5-14) and the entropy analysis (section 3.2.1)
   docs/tradeoff.png   accuracy against mean latency, one curve per method (paper Figure 4)
   docs/entropy.png    the entropy analysis (paper Figure 3)
