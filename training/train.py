@@ -131,6 +131,19 @@ def concise_start(i: int, problem) -> str:
     return problem.solution[:random.Random(i).randint(1, len(problem.solution) - 1)]
 
 
+def measure(model, tokenizer, args) -> dict:
+    """Held-out accuracy and answer length; for the LLM also when continuing a concise start."""
+    accuracy, length = evaluate(model, tokenizer, args.eval)
+    name = f"{args.role}{' (fast)' if args.fast else ''}"
+    print(f"held-out accuracy ({name}, greedy, {args.eval} problems): {accuracy:.1%}, answers {length:.1f} tokens")
+    measured = {"heldout_accuracy": accuracy, "heldout_answer_tokens": length}
+    if args.role == "llm":
+        accuracy, length = evaluate(model, tokenizer, args.eval, given=concise_start)
+        print(f"continuing a concise partial solution: {accuracy:.1%}, answers {length:.1f} tokens")
+        measured |= {"continuation_accuracy": accuracy, "continuation_answer_tokens": length}
+    return measured
+
+
 def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -198,15 +211,7 @@ def main(argv=None) -> None:
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    accuracy, length = evaluate(model, tokenizer, args.eval)
-    name = f"{args.role}{' (fast)' if args.fast else ''}"
-    print(f"held-out accuracy ({name}, greedy, {args.eval} problems): {accuracy:.1%}, answers {length:.1f} tokens")
-    measured = {"heldout_accuracy": accuracy, "heldout_answer_tokens": length}
-    if args.role == "llm":
-        accuracy, length = evaluate(model, tokenizer, args.eval, given=concise_start)
-        print(f"continuing a concise partial solution: {accuracy:.1%}, answers {length:.1f} tokens")
-        measured |= {"continuation_accuracy": accuracy, "continuation_answer_tokens": length}
-
+    measured = measure(model, tokenizer, args)
     runs.append({
         "command": "python -m training.train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "role": args.role, "shape": SHAPES[shape_name], "parameters": sum(p.numel() for p in model.parameters()),
