@@ -52,7 +52,7 @@ def routers():
         if data not in seen:  # the default router is a copy of one of the sweep's
             seen.add(data)
             about = Router.from_bytes(data).about
-            start = " imitation" if "--imitate" in about["command"] else ""  # warm-started from a fixed tau
+            start = " imitation" if "imitation" in about else ""  # warm-started from a fixed tau
             yield f"router lam={about['lambda']}{start}", {"policy": "router", "tau": about["tau"], "router": data}
 
 
