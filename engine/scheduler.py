@@ -24,7 +24,7 @@ import torch
 
 from .kv_pool import BATCH_KWARG, KVPool, PackedBatch, PackedCache, Segment, cache_kwarg, install_packed_attention
 from .sampling import Choice
-from .span import SpanBuilder
+from .span import SpanBuilder, float_bytes
 
 # Tokens per forward: bounds a step's latency (and its activations) when long prefills arrive;
 # a longer prefill is fed in chunks over several steps.
@@ -322,7 +322,7 @@ class BatchedRunner:
         for n, item in enumerate(live):
             run, token = item.span, choice.tokens[n]
             run.first_token = run.first_token or now
-            hidden = (lambda h=run.hidden: _float_bytes(h)) if run.return_hidden else None
+            hidden = (lambda h=run.hidden: float_bytes(h)) if run.return_hidden else None
             if not run.builder.offer(token, choice.entropies[n], hidden, choice.logprobs[n], choice.distributions[n]):
                 self._end(item)
                 continue
@@ -363,10 +363,6 @@ class BatchedRunner:
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.clone()
-
-
-def _float_bytes(hidden: torch.Tensor | None) -> bytes:
-    return b"" if hidden is None else hidden.float().cpu().numpy().astype("<f4").tobytes()
 
 
 @torch.inference_mode()

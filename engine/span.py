@@ -156,3 +156,8 @@ class SpanBuilder:
         """End the span from outside the rule (the caller went away, the backend ended it early)."""
         if not self.done:
             self.span.stop_reason = reason
+
+
+def float_bytes(hidden) -> bytes:
+    """A hidden state (a tensor) as Candidate.hidden carries it: float32 little-endian values."""
+    return b"" if hidden is None else hidden.float().cpu().numpy().astype("<f4").tobytes()

@@ -26,7 +26,9 @@ what it measured.
 - Rollback into computed tokens, eviction and release end the session's request (its full blocks stay
   in vLLM's prefix cache); the next span starts a new one from the session's tokens. Idle session
   requests hold vLLM request slots: past max_num_seqs the least recently used idle one is ended alike.
-- Not available: hidden states (Candidate.hidden is empty; a router policy needs the hf backend).
+- Hidden states for the router (SpanRule.return_hidden): the final hidden states vLLM computes the
+  sampled rows' logits from, captured by wrapping the model's compute_logits, which the model runner
+  calls on exactly the rows the processor then sees, right before sampling (`SampledHidden`).
 """
 
 import logging
@@ -53,7 +55,7 @@ from rstitch.v1 import engine_pb2 as pb  # noqa: E402
 from . import checkpoints, sampling  # noqa: E402
 from .backend import Engine, ModelFacts, SpanCall, row_request  # noqa: E402
 from .sessions import Session  # noqa: E402
-from .span import SpanBuilder  # noqa: E402
+from .span import SpanBuilder, float_bytes  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,37 @@ class LoopStats:
     choice_s: float = 0.0  # of that, in the processor (token choice, the span rule)
 
 
-def _make_span_chooser(tagged: dict, vocab_size: int, stats: LoopStats):
+def _bytes_of(hidden: torch.Tensor | None, rule: pb.SpanRule):
+    """What a gated candidate carries of its hidden state (read only when one is kept), as the rule asks."""
+    return (lambda: float_bytes(hidden)) if rule.return_hidden and hidden is not None else None
+
+
+class SampledHidden:
+    """The final hidden states of the rows vLLM samples in the step now choosing, in the batch's row
+    order (the logits processor's): the model runner computes those rows' logits with the model's
+    compute_logits right before sampling, so a wrapper around it sees them (the in-process engine
+    core runs the model in this process). The prompt-logprobs pass of a verify request calls it again
+    after sampling; a processor reads the rows during its apply, before that."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None
+
+    def install(self, model) -> None:
+        compute_logits = model.compute_logits
+
+        def capturing(hidden_states, *args, **kwargs):
+            self.rows = hidden_states
+            return compute_logits(hidden_states, *args, **kwargs)
+
+        model.compute_logits = capturing
+
+    def of(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The rows behind `logits` (the step's logits, one row per request), or None if they differ."""
+        rows = self.rows
+        return rows if rows is not None and rows.shape[0] == logits.shape[0] else None
+
+
+def _make_span_chooser(tagged: dict, vocab_size: int, stats: LoopStats, hidden: SampledHidden):
     """The logits processor class of one engine: `tagged` maps a turn's tag to the work that chooses
     its rows (a _Turn or a _OneOff)."""
     _, LogitsProcessor, process_dict_updates = _vllm()
@@ -111,12 +143,13 @@ def _make_span_chooser(tagged: dict, vocab_size: int, stats: LoopStats):
             """Choose each open row's token, offer it to its span, and leave it the only one vLLM can take."""
             index = torch.tensor([i for i, _, _ in rows], device=logits.device)
             chosen = logits.index_select(0, index)
+            states = hidden.of(logits)
             choice = sampling.choose(chosen, vocab_size, [work.row_request() for _, work, _ in rows])
-            for n, (_, work, params) in enumerate(rows):
+            for n, (i, work, params) in enumerate(rows):
                 token = choice.tokens[n]
                 try:
                     ends = work.offer(token, choice.entropies[n], choice.logprobs[n], choice.distributions[n],
-                                      chosen[n])
+                                      chosen[n], None if states is None else states[i])
                 except Exception as e:  # noqa: BLE001 - fails this request alone, not the whole step
                     work.error, work.choosing, ends = e, False, True
                 params.stop_token_ids = [token] if ends else []  # vLLM stops the turn after this step
@@ -135,6 +168,7 @@ class VState:
     # chosen after, or a gated stop); False while the last committed token waits for the caller.
     fresh: bool = False
     next_logits: torch.Tensor | None = None  # the distribution at the cache's end, when vLLM computed it
+    next_hidden: torch.Tensor | None = None  # the final hidden state it came from (the router reads it)
     # Owned by the engine thread: the session's live vLLM request and how many tokens it has computed.
     request_id: str | None = None
     sent: int = 0
@@ -173,8 +207,9 @@ class _Work:
     def row_request(self) -> sampling.RowRequest:
         return sampling.RowRequest(GREEDY, 0)
 
-    def offer(self, token, entropy, logprobs, distribution, logits) -> bool:
-        """The processor's choice for this request's row; True: vLLM stops the request after it."""
+    def offer(self, token, entropy, logprobs, distribution, logits, hidden) -> bool:
+        """The processor's choice for this request's row (`hidden`: the final hidden state its logits came
+        from, None if unknown); True: vLLM stops the request after it."""
         self.choosing = False
         return True
 
@@ -198,14 +233,15 @@ class _Turn(_Work):
     def row_request(self) -> sampling.RowRequest:
         return row_request(self.builder)
 
-    def offer(self, token, entropy, logprobs, distribution, logits) -> bool:
+    def offer(self, token, entropy, logprobs, distribution, logits, hidden) -> bool:
         self.reply.first_token = self.reply.first_token or time.perf_counter()
         self.feeding = self.choosing = False
         if self.reply.call.cancelled.is_set():
             return True
-        if not self.builder.offer(token, entropy, None, logprobs, distribution):
+        if not self.builder.offer(token, entropy, _bytes_of(hidden, self.builder.rule), logprobs, distribution):
             if self.builder.fresh:  # a gated candidate: a later Decode chooses from this distribution again
                 self.state.next_logits = logits.clone()
+                self.state.next_hidden = None if hidden is None else hidden.clone()
             return True
         try:
             self.reserve()
@@ -230,10 +266,12 @@ class _OneOff(_Work):
         self.output_ids: list[int] = []
         self.prompt_logprobs = None  # vLLM's LogprobsTensors over the whole prompt
         self.last_logits: torch.Tensor | None = None  # the processor's row after the last prompt token
+        self.last_hidden: torch.Tensor | None = None  # and the final hidden state it came from
 
-    def offer(self, token, entropy, logprobs, distribution, logits) -> bool:
+    def offer(self, token, entropy, logprobs, distribution, logits, hidden) -> bool:
         self.last_logits = logits.clone()
-        return super().offer(token, entropy, logprobs, distribution, logits)
+        self.last_hidden = None if hidden is None else hidden.clone()
+        return super().offer(token, entropy, logprobs, distribution, logits, hidden)
 
     def collect(self, output) -> None:
         self.output_ids.extend(output.new_token_ids)
@@ -258,8 +296,10 @@ class VLLMEngine(Engine):
         self.gpu_memory_utilization = gpu_memory_utilization  # this engine's share of a GPU two engines share
         self._tagged: dict[str, _Work] = {}  # the processor's view: a turn's tag -> its work
         self.stats = LoopStats()
+        self._hidden = SampledHidden()
         started = time.perf_counter()
         self._llm, kv_bytes = self._start_vllm(model_path, kv_budget_mb)
+        self._llm.apply_model(self._hidden.install)
         self._core = self._llm.engine_core  # the in-process engine core client: add, abort, step
         self._inputs = self._llm.input_processor
         self._tasks = self._llm.get_supported_tasks()
@@ -287,7 +327,7 @@ class VLLMEngine(Engine):
             model=str(model_path), tokenizer=str(model_path), skip_tokenizer_init=True, dtype=self.dtype,
             max_model_len=self.max_context, enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=True,
             kv_cache_memory_bytes=kv_bytes, max_logprobs=-1, async_scheduling=False, seed=0, disable_log_stats=True,
-            logits_processors=[_make_span_chooser(self._tagged, self.vocab_size, self.stats)],
+            logits_processors=[_make_span_chooser(self._tagged, self.vocab_size, self.stats, self._hidden)],
             max_num_seqs=self.max_num_seqs,
             # Every row the processor sees must be a real sample: no prompt is cut across steps.
             enable_chunked_prefill=False, max_num_batched_tokens=max(self.max_context, 2048),
@@ -467,7 +507,7 @@ class VLLMEngine(Engine):
                 session.state = VState()
             state: VState = session.state
             state.tokens.extend(tokens)
-            state.fresh, state.next_logits = True, None
+            state.fresh, state.next_logits, state.next_hidden = True, None, None
         reply = _Reply(call)
         if call.verify:
             self._verify(reply)
@@ -488,13 +528,14 @@ class VLLMEngine(Engine):
     def _choose_kept(self, reply: _Reply, builder: SpanBuilder) -> bool:
         """Choose from the distribution kept at the cache's end; whether the span goes on."""
         state = reply.call.session.state
-        logits, state.next_logits = state.next_logits, None
+        (logits, hidden), state.next_logits, state.next_hidden = (state.next_logits, state.next_hidden), None, None
         choice = sampling.choose(logits[None], self.vocab_size, [row_request(builder)])
         reply.first_token = time.perf_counter()
         token = choice.tokens[0]
-        if not builder.offer(token, choice.entropies[0], None, choice.logprobs[0], choice.distributions[0]):
+        if not builder.offer(token, choice.entropies[0], _bytes_of(hidden, builder.rule), choice.logprobs[0],
+                             choice.distributions[0]):
             if builder.fresh:
-                state.next_logits = logits
+                state.next_logits, state.next_hidden = logits, hidden
             return False
         self.sessions.grow(reply.call.session, 1)
         state.tokens.append(token)
@@ -505,7 +546,7 @@ class VLLMEngine(Engine):
         state: VState = session.state
         state.fresh = builder.fresh and error is None and not call.cancelled.is_set()
         if not state.fresh:
-            state.next_logits = None
+            state.next_logits = state.next_hidden = None
         if error is not None:
             call.future.set_exception(error)
             return
@@ -526,7 +567,7 @@ class VLLMEngine(Engine):
             session.state = None
             return
         del state.tokens[length:]
-        state.fresh, state.next_logits = False, None
+        state.fresh, state.next_logits, state.next_hidden = False, None, None
 
     # --- verification -------------------------------------------------------------------------
 
@@ -552,6 +593,7 @@ class VLLMEngine(Engine):
             sampling.fill_verification(reply.response, rows, call.tokens, call.drafts, call.rule, self.vocab_size,
                                        entropies_known=full)
             reply.call.session.state.next_logits = check.last_logits
+            reply.call.session.state.next_hidden = check.last_hidden
             self._decode(reply)
         except BaseException as e:  # noqa: BLE001 - the caller raises it; nothing may leave it waiting
             reply.call.future.set_exception(e)

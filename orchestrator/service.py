@@ -300,10 +300,6 @@ class Orchestrator:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                "the router policy needs a router: send one (GenerationSpec.router) or start the "
                                "orchestrator with --router")
-        if slm.backend == "vllm":
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "the router policy reads the SLM's hidden states, which the vllm backend does not "
-                               "give; serve the SLM with --backend hf")
         try:
             router = Router.from_bytes(data)
         except ValueError as e:

@@ -6,6 +6,7 @@ continue one vLLM request. The contract itself runs in test_engine_contract.py."
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from orchestrator.engine_client import LocalEngineClient
@@ -107,18 +108,41 @@ def test_sixteen_concurrent_sessions_equal_one_at_a_time(vllm_engines):
         assert h_together == pytest.approx(h_alone, abs=1e-4)
 
 
-def test_the_router_policy_is_refused_without_hidden_states(orchestrator, vllm_engines):
-    """vLLM gives no hidden states: the router policy says so instead of routing blind."""
-    import grpc
+def test_the_router_on_a_vllm_slm_decides_as_on_the_hf_slm(vllm_engines, hf_engines):
+    """The committed router on the trained pair: the vllm SLM hands it the final hidden state the hf SLM
+    does (within float tolerance), so every decision, and with it every token and source, is the same."""
+    from engine.default_models import default_router_path
 
-    from orchestrator.router import Router
-    from orchestrator.service import RequestError
+    spec = dict(policy=opb.POLICY_ROUTER, tau=0.05, router=default_router_path().read_bytes(), max_new_tokens=MAX_NEW)
+    answers = {}
+    for backend, engines in (("vllm", vllm_engines), ("hf", hf_engines)):
+        orchestrator = Orchestrator(LocalEngineClient(engines["slm"]), LocalEngineClient(engines["llm"]),
+                                    MemorySessionStore())
+        sessions = [orchestrator.complete(opb.GenerationSpec(text=problem.question, **spec)) for problem in heldout(8)]
+        answers[backend] = [([t for s in session.spans for t in s.token_ids],
+                             [s.source for s in session.spans for _ in s.token_ids],
+                             session.stats.router_kept_tokens, session.stats.switches) for session in sessions]
+    assert answers["vllm"] == answers["hf"]
+    assert sum(kept for _, _, kept, _ in answers["hf"]) > 0 and sum(n for *_, n in answers["hf"]) > 0
 
-    router = Router.constant(vllm_engines["slm"].hidden_size, switch=True).to_bytes()
-    spec = opb.GenerationSpec(text=PROMPTS[0], policy=opb.POLICY_ROUTER, tau=0.02, router=router)
-    with pytest.raises(RequestError, match="hidden states, which the vllm backend does not give") as refused:
-        orchestrator.complete(spec)
-    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+@pytest.mark.parametrize("tau", [0.0, 0.05])
+def test_a_gated_candidate_carries_the_hidden_state_the_hf_engine_gives(vllm_engines, hf_engines, tau):
+    """At a gated token, and again at the one a Decode chooses from the kept distribution."""
+    rule = epb.SpanRule(max_tokens=40, gate=epb.GATE_STOP_ABOVE, tau=tau, return_hidden=True)
+    spans = {}
+    for backend, engines in (("vllm", vllm_engines), ("hf", hf_engines)):
+        sid = f"hidden-{backend}-{tau}"
+        gated = engines["slm"].prefill(epb.PrefillRequest(session_id=sid, token_ids=UNSURE[0], rule=rule)).span
+        again = engines["slm"].decode(epb.DecodeRequest(session_id=sid, base_len=gated.cache_len, rule=rule)).span
+        engines["slm"].release(epb.ReleaseRequest(session_id=sid))
+        spans[backend] = (gated, again)
+    for vllm_span, hf_span in zip(spans["vllm"], spans["hf"]):
+        assert vllm_span.stop_reason == hf_span.stop_reason == epb.STOP_REASON_GATE
+        assert list(vllm_span.token_ids) == list(hf_span.token_ids)
+        vllm_hidden, hf_hidden = (np.frombuffer(s.candidate.hidden, "<f4") for s in (vllm_span, hf_span))
+        assert vllm_hidden.shape == (vllm_engines["slm"].hidden_size,)
+        np.testing.assert_allclose(vllm_hidden, hf_hidden, rtol=1e-4, atol=1e-4)
 
 
 # --- sampling, logprobs and distributions, as on hf ----------------------------------------------
