@@ -7,8 +7,11 @@ Starts one split deployment per backend at once (both engine services, the orche
 private redis-server, as separate processes, the trained default pair), then runs interleaved
 rounds: in each round every (backend, policy, concurrency) cell, in an order shuffled per round,
 opens `concurrency` client threads that each stream `requests` generations back to back on
-held-out problems. Per cell: tokens/s (answer tokens over the cell's wall time), time to first
-token and inter-token latency (client side, per Delta) p50/p99, accuracy; how busy each engine's
+held-out problems. Per cell: tokens/s (answer tokens over the cell's wall time), answers/s (the
+measure when the policies write answers of different lengths: the verbose LLM writes about twice the
+tokens R-Stitch does), time to first token, inter-token latency (client side, between Deltas) and
+time per output token (a generation's time after its first token over its other tokens) p50/p99,
+accuracy; how busy each engine's
 step loop was (busy seconds over the cell's wall time, from Info) and its mean batch; and where a
 generation's time went (the sessions' Stats: forwards, engine queues, RPC, store, switches, the
 rest). Reported: the median over rounds, with the min-max spread of tokens/s. Writes
@@ -49,7 +52,8 @@ TIME_PARTS = [("forward", ("slm_forward_ms", "llm_forward_ms")), ("queue", ("slm
 
 def one_generation(client, problem, policy: str, max_new_tokens: int) -> dict:
     started = last = time.monotonic()
-    record = {"tokens": 0, "ttft_s": None, "gaps_s": [], "correct": False, "error": None, "stats": None}
+    record = {"tokens": 0, "ttft_s": None, "gaps_s": [], "tpot_s": None, "correct": False, "error": None,
+              "stats": None}
     try:
         for event in client.stream(problem.question, policy=policy, max_new_tokens=max_new_tokens,
                                    **({"tau": TAU} if policy == "entropy" else {})):
@@ -63,6 +67,8 @@ def one_generation(client, problem, policy: str, max_new_tokens: int) -> dict:
                 last = now
                 record["tokens"] += len(event.delta.span.token_ids)
             elif kind == "finished":
+                if record["tokens"] > 1:
+                    record["tpot_s"] = (last - started - record["ttft_s"]) / (record["tokens"] - 1)
                 record["correct"] = score(event.finished.text, problem)
                 record["stats"] = {f.name: getattr(event.finished.stats, f.name) for f in STAT_FIELDS}
     except grpc.RpcError as e:
@@ -106,6 +112,7 @@ def run_cell(address: str, engines: dict, processes: dict[str, psutil.Process], 
     ok = [r for r in records if not r["error"]]
     ttft = [r["ttft_s"] * 1e3 for r in ok if r["ttft_s"] is not None]
     gaps = [g * 1e3 for r in ok for g in r["gaps_s"]]
+    tpot = [r["tpot_s"] * 1e3 for r in ok if r["tpot_s"] is not None]
     engines_busy = {role: {"busy": (after[role].busy_seconds - before[role].busy_seconds) / wall,
                            "forward": (after[role].forward_seconds - before[role].forward_seconds) / wall,
                            "batch": (after[role].step_tokens - before[role].step_tokens)
@@ -116,12 +123,14 @@ def run_cell(address: str, engines: dict, processes: dict[str, psutil.Process], 
     parts = {label: statistics.fmean(sum(r["stats"][f] for f in fields) for r in ok) if ok else math.nan
              for label, fields in TIME_PARTS}
     parts["rest"] = latency - sum(parts.values())
-    return {"tokens_per_s": sum(r["tokens"] for r in ok) / wall, "wall_s": wall, "generations": len(records),
+    return {"tokens_per_s": sum(r["tokens"] for r in ok) / wall, "answers_per_s": len(ok) / wall,
+            "wall_s": wall, "generations": len(records),
             "engines": engines_busy, "latency_ms": latency, "time_ms": parts,
             "cpu_cores": {name: (cpu_after[name] - cpu_before[name]) / wall for name in processes},
             "errors": sorted({r["error"] for r in records if r["error"]}),
             "accuracy": 100 * statistics.fmean(r["correct"] for r in ok) if ok else None,
-            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)}}
+            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)},
+            "tpot_ms": {"p50": pct(tpot, 50), "p99": pct(tpot, 99)}}
 
 
 def pct(values, p):  # nearest rank
@@ -153,7 +162,12 @@ def summarize(results: dict) -> dict:
         median = lambda key, sub=None: statistics.median(  # noqa: E731
             [r[key][sub] if sub else r[key] for r in rounds if (r[key][sub] if sub else r[key]) is not None] or [math.nan])
         speeds = [r["tokens_per_s"] for r in rounds]
+        answers = [r["answers_per_s"] for r in rounds]
         table[cell] = {"tokens_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
+                       "answers_per_s": statistics.median(answers), "answers_min": min(answers),
+                       "answers_max": max(answers),
+                       "tokens_per_answer": sum(r["tokens_per_s"] * r["wall_s"] for r in rounds)
+                       / max(1, sum(r["answers_per_s"] * r["wall_s"] for r in rounds)),
                        "busy": {role: statistics.median(r["engines"][role]["busy"] for r in rounds) for role in ROLES},
                        "forward": {role: statistics.median(r["engines"][role]["forward"] for r in rounds)
                                    for role in ROLES},
@@ -166,7 +180,8 @@ def summarize(results: dict) -> dict:
                                    for part in rounds[0]["time_ms"]},
                        "accuracy": median("accuracy"), "ttft_p50": median("ttft_ms", "p50"),
                        "ttft_p99": median("ttft_ms", "p99"), "itl_p50": median("itl_ms", "p50"),
-                       "itl_p99": median("itl_ms", "p99"), "errors": sum(len(r["errors"]) for r in rounds)}
+                       "itl_p99": median("itl_ms", "p99"), "tpot_p50": median("tpot_ms", "p50"),
+                       "tpot_p99": median("tpot_ms", "p99"), "errors": sum(len(r["errors"]) for r in rounds)}
     return table
 
 
@@ -177,16 +192,19 @@ def write_markdown(table: dict, args, path: Path) -> None:
     lines = ["# Concurrency: tokens/s and latency under concurrent streamed sessions", "",
              f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC); "
              f"split deployment with Redis, trained pair, {args.requests} generations per session, {args.rounds} "
-             "interleaved rounds, median (min-max of tokens/s). Client-side times per Delta.", "",
-             "| backend | policy | sessions | tokens/s | x 1 session | x LLM-only | TTFT p50/p99 ms | ITL p50/p99 ms "
-             "| accuracy % | errors |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "interleaved rounds, median (min-max). Client-side times: ITL between Deltas, TPOT per token after the first.", "",
+             "| backend | policy | sessions | tokens/s | x 1 session | x LLM-only | answers/s | x LLM-only "
+             "| tokens/answer | TTFT p50/p99 ms | ITL p50/p99 ms | TPOT p50/p99 ms | accuracy % | errors |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for (backend, policy, c), row in sorted(table.items()):
-        one = table.get((backend, policy, args.concurrency[0]), {}).get("tokens_per_s", math.nan)
-        llm = table.get((backend, "llm", c), {}).get("tokens_per_s", math.nan)
+        one = table.get((backend, policy, args.concurrency[0]), {}).get("tokens_per_s") or math.nan
+        llm = {key: value or math.nan for key, value in table.get((backend, "llm", c), {}).items()}
         lines.append(f"| {backend} | {policy} | {c} | {row['tokens_per_s']:.0f} ({row['min']:.0f}-{row['max']:.0f}) "
-                     f"| {row['tokens_per_s'] / one:.2f} | {row['tokens_per_s'] / llm:.2f} | {row['ttft_p50']:.0f} / "
-                     f"{row['ttft_p99']:.0f} | {row['itl_p50']:.1f} / {row['itl_p99']:.1f} | {row['accuracy']:.1f} "
-                     f"| {row['errors']} |")
+                     f"| {row['tokens_per_s'] / one:.2f} | {row['tokens_per_s'] / llm.get('tokens_per_s', math.nan):.2f} "
+                     f"| {row['answers_per_s']:.2f} ({row['answers_min']:.2f}-{row['answers_max']:.2f}) "
+                     f"| {row['answers_per_s'] / llm.get('answers_per_s', math.nan):.2f} | {row['tokens_per_answer']:.1f} "
+                     f"| {row['ttft_p50']:.0f} / {row['ttft_p99']:.0f} | {row['itl_p50']:.1f} / {row['itl_p99']:.1f} "
+                     f"| {row['tpot_p50']:.1f} / {row['tpot_p99']:.1f} | {row['accuracy']:.1f} | {row['errors']} |")
     lines += ["", "Where the time goes: each engine's step loop busy (share of the cell's wall time; in brackets "
               "the share in forwards, the rest being token choice and bookkeeping), its mean batch (tokens per "
               "step) and the tokens it fed per answer token (prefill and decode); a generation's mean latency and "
@@ -225,16 +243,18 @@ def plot(table: dict, args, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.backends), figsize=(6 * len(args.backends), 4.5), squeeze=False)
-    for ax, backend in zip(axes[0], args.backends):
-        for policy in args.policies:
-            rows = [table[(backend, policy, c)] for c in args.concurrency]
-            ax.errorbar(args.concurrency, [r["tokens_per_s"] for r in rows], marker="o", label=policy, capsize=3,
-                        yerr=[[r["tokens_per_s"] - r["min"] for r in rows], [r["max"] - r["tokens_per_s"] for r in rows]])
-        ax.set(xscale="log", xlabel="concurrent sessions", ylabel="answer tokens/s", title=f"backend {backend}")
-        ax.set_xticks(args.concurrency, [str(c) for c in args.concurrency])
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(args.backends), figsize=(6 * len(args.backends), 9), squeeze=False)
+    for column, backend in enumerate(args.backends):
+        for ax, key, low, high, label in ((axes[0][column], "tokens_per_s", "min", "max", "answer tokens/s"),
+                                          (axes[1][column], "answers_per_s", "answers_min", "answers_max", "answers/s")):
+            for policy in args.policies:
+                rows = [table[(backend, policy, c)] for c in args.concurrency]
+                ax.errorbar(args.concurrency, [r[key] for r in rows], marker="o", label=policy, capsize=3,
+                            yerr=[[r[key] - r[low] for r in rows], [r[high] - r[key] for r in rows]])
+            ax.set(xscale="log", xlabel="concurrent sessions", ylabel=label, title=f"backend {backend}")
+            ax.set_xticks(args.concurrency, [str(c) for c in args.concurrency])
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -246,7 +266,7 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=2, help="generations each session streams back to back")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the verbose LLM's answers run to ~100 tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
