@@ -84,7 +84,15 @@ class LoopStats:
 
 def _bytes_of(hidden: torch.Tensor | None, rule: pb.SpanRule):
     """What a gated candidate carries of its hidden state (read only when one is kept), as the rule asks."""
-    return (lambda: float_bytes(hidden)) if rule.return_hidden and hidden is not None else None
+    if not rule.return_hidden:
+        return None
+
+    def read() -> bytes:
+        if hidden is None:  # the model runner's rows did not match the step's (a vLLM that samples otherwise)
+            raise RuntimeError("the vllm backend could not capture this step's hidden states, which "
+                               "return_hidden (the router policy) needs")
+        return float_bytes(hidden)
+    return read
 
 
 class SampledHidden:
