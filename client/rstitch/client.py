@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import grpc.experimental
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .security import ClientTLS, channel
@@ -26,6 +27,9 @@ DEFAULT_RETRY_S = 30.0
 # default reconnect backoff grows to 2 minutes; a restarted replica should be found again within two seconds.
 CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin"), ("grpc.initial_reconnect_backoff_ms", 200),
                    ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+# A Generate stream read on the caller's own thread instead of handed over by the channel's spin thread
+# (grpcio's option for unary-stream calls): 25-30 % less client CPU per token at 64 sessions (docs/concurrency.md).
+SINGLE_THREADED_STREAMS = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
 FIRST_PAUSE_S, LONGEST_PAUSE_S = 0.1, 2.0  # backoff between retries
 CONNECT_ERROR_S = 1.0  # time a call to an unconnected channel gets to report why it is not connected
 
@@ -147,7 +151,7 @@ class RStitchClient:
         self.address = address
         self.timeout = timeout
         self.retry_s = retry_s
-        self._channel = channel(address, tls, token, CHANNEL_OPTIONS)
+        self._channel = channel(address, tls, token, CHANNEL_OPTIONS + SINGLE_THREADED_STREAMS)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
